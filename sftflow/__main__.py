@@ -1,0 +1,3 @@
+from sftflow.cli import app
+
+app()

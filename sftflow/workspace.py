@@ -1,0 +1,70 @@
+"""The workspace: one directory for all generated state, never inside the source tree's git.
+
+    $SFTFLOW_HOME (default ./.sftflow)
+      datasets/<version>/{train,eval}.parquet, manifest.json   immutable dataset versions
+      datasets/CURRENT                                         name of the current version
+      drops/<drop_id>/{report.json,quarantine.parquet,duplicates.parquet}
+      runs/ registry/ cache/                                   training, publishing, model caches
+      prefect/                                                 PREFECT_HOME (embedded SQLite API)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> "Workspace":
+        return cls(Path(os.environ.get("SFTFLOW_HOME", ".sftflow")).absolute())
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def drops(self) -> Path:
+        return self.root / "drops"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.root / "prefect"
+
+    def ensure(self) -> "Workspace":
+        for path in (self.datasets, self.drops, self.staging, self.runs, self.registry, self.cache):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def configure_prefect_env(workspace: Workspace) -> None:
+    """Point Prefect at the workspace before it is imported.
+
+    With no PREFECT_API_URL set, Prefect runs flows against its embedded (ephemeral) API backed by
+    SQLite under PREFECT_HOME; keeping that under the workspace keeps the source tree clean. Values
+    the user already set win.
+    """
+    os.environ.setdefault("PREFECT_HOME", str(workspace.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,252 @@
+"""Format: deduplicate against the drop and the current dataset, split by id, write a dataset version.
+
+A dataset version is an immutable directory `datasets/<version>/{train,eval}.parquet, manifest.json`
+whose name is a hash of its content (the sorted row ids, the split ratio and the schema version).
+A row's split is a pure function of its id, so a row in eval never moves to train in a later
+version. The directory is written under a temporary name and renamed into place, and then the
+`CURRENT` pointer is replaced atomically; the whole step runs under a lock so that concurrent drops
+form a clean chain of versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from schemas.config import IngestConfig
+from schemas.tables import CANONICAL_SCHEMA, CANONICAL_SCHEMA_VERSION, DUPLICATE_SCHEMA, SPLITS
+from sftflow.atomic import exclusive_lock, read_json, remove_stale_tmp, staged_dir, write_bytes_atomic
+from sftflow.errors import DatasetError
+from sftflow.workspace import Workspace
+
+VERSION_PREFIX = "ds-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_mask(ids: pa.Array | pa.ChunkedArray, eval_ratio: float) -> np.ndarray:
+    """True where a row belongs to eval: the first 52 bits of its id, as a fraction, below the ratio."""
+    prefixes = pc.utf8_slice_codeunits(ids, 0, 13).to_pylist()
+    fractions = np.fromiter((int(p, 16) for p in prefixes), dtype=np.float64, count=len(prefixes)) / float(16**13)
+    return fractions < eval_ratio
+
+
+def split_of(row_id: str, eval_ratio: float) -> str:
+    return "eval" if eval_mask(pa.array([row_id]), eval_ratio)[0] else "train"
+
+
+def new_row_mask(drop_ids: pa.Array, dataset_ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Classify a drop's ids: (is new, duplicates an earlier row of the same drop).
+
+    A row is new when its id is neither in the dataset nor earlier in the drop; a row that is not
+    new and not a within-drop repeat duplicates a dataset row.
+    """
+    n = len(drop_ids)
+    in_dataset = pc.is_in(drop_ids, value_set=dataset_ids).to_numpy(zero_copy_only=False) if len(dataset_ids) else np.zeros(n, bool)
+    positions = pa.array(np.arange(n, dtype=np.int64))
+    first = pa.table({"id": drop_ids, "pos": positions}).group_by("id", use_threads=False).aggregate([("pos", "min")])
+    is_first = np.zeros(n, dtype=bool)
+    is_first[first.column("pos_min").to_numpy()] = True
+    return is_first & ~in_dataset, ~is_first & ~in_dataset
+
+
+def content_hash(ids: pa.Array, eval_ratio: float) -> str:
+    """Hash of a dataset's content: schema version, split ratio and the sorted row ids."""
+    ids = ids.cast(pa.string())
+    ordered = pc.take(ids, pc.sort_indices(ids))
+    if isinstance(ordered, pa.ChunkedArray):
+        ordered = ordered.combine_chunks()
+    digest = hashlib.sha256(f"{CANONICAL_SCHEMA_VERSION}\n{eval_ratio!r}\n".encode())
+    if len(ordered):
+        offsets = ordered.buffers()[1]
+        data = ordered.buffers()[2]
+        # ids are fixed-width hex: the value buffer, from the first offset, is the ids back to back
+        start = np.frombuffer(offsets, dtype=np.int32)[ordered.offset]
+        digest.update(memoryview(data)[start : start + 64 * len(ordered)])
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the lineage
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def manifest(self) -> dict:
+        return read_json(self.root / "manifest.json")
+
+    def path(self, split: str) -> Path:
+        return self.root / f"{split}.parquet"
+
+    def ids(self) -> pa.Array:
+        arrays = [pq.read_table(self.path(s), columns=["id"]).column("id").combine_chunks() for s in SPLITS]
+        return pa.concat_arrays([a.cast(pa.string()) for a in arrays])
+
+
+def current_version(workspace: Workspace) -> DatasetVersion | None:
+    pointer = workspace.datasets / "CURRENT"
+    if not pointer.exists():
+        return None
+    version = DatasetVersion(workspace.datasets / pointer.read_text().strip())
+    if not (version.root / "manifest.json").exists():
+        raise DatasetError(f"{pointer} names {version.name}, which has no manifest.json; restore it or remove {pointer}")
+    return version
+
+
+def find_version(workspace: Workspace, name: str | None) -> DatasetVersion:
+    """A named version, or the current one; a clear error when there is none."""
+    if name is None:
+        version = current_version(workspace)
+        if version is None:
+            raise DatasetError(f"no dataset in {workspace.datasets}; ingest a drop first: sftflow ingest PATH")
+        return version
+    version = DatasetVersion(workspace.datasets / name)
+    if not name.startswith(VERSION_PREFIX) or "/" in name or not (version.root / "manifest.json").exists():
+        raise DatasetError(f"no dataset version {name!r} in {workspace.datasets}; list them with: sftflow datasets")
+    return version
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FormatResult:
+    accepted: int
+    duplicates: int
+    duplicates_path: str
+    dataset_version: str
+    dataset_changed: bool
+    dataset_rows: dict[str, int]
+
+
+def _write_version(
+    target: Path,
+    parent: DatasetVersion | None,
+    validated_path: str,
+    keep: np.ndarray,
+    config: IngestConfig,
+    manifest: dict,
+) -> None:
+    with staged_dir(target) as tmp:
+        writers = {s: pq.ParquetWriter(tmp / f"{s}.parquet", CANONICAL_SCHEMA, compression="zstd") for s in SPLITS}
+        rows = dict.fromkeys(SPLITS, 0)
+        try:
+            if parent is not None:
+                for split in SPLITS:
+                    for batch in pq.ParquetFile(parent.path(split)).iter_batches(batch_size=config.batch_rows):
+                        writers[split].write_batch(batch)
+                        rows[split] += batch.num_rows
+            offset = 0
+            for batch in pq.ParquetFile(validated_path).iter_batches(batch_size=config.batch_rows):
+                table = pa.Table.from_batches([batch]).filter(pa.array(keep[offset : offset + batch.num_rows]))
+                offset += batch.num_rows
+                is_eval = pa.array(eval_mask(table.column("id"), config.eval_ratio))
+                for split, mask in (("eval", is_eval), ("train", pc.invert(is_eval))):
+                    part = table.filter(mask)
+                    writers[split].write_table(part)
+                    rows[split] += part.num_rows
+        finally:
+            for writer in writers.values():
+                writer.close()
+        manifest["rows"] = rows
+        manifest["files"] = {
+            f"{s}.parquet": {
+                "sha256": hashlib.sha256((tmp / f"{s}.parquet").read_bytes()).hexdigest(),
+                "bytes": (tmp / f"{s}.parquet").stat().st_size,
+            }
+            for s in SPLITS
+        }
+        write_bytes_atomic(tmp / "manifest.json", _json(manifest))
+
+
+def _json(obj: object) -> bytes:
+    import orjson
+
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+
+
+@task(cache_policy=NO_CACHE)
+def write_dataset_version(
+    validated_path: str,
+    drop_record: dict,
+    config: IngestConfig,
+    workspace: Workspace,
+    staging_dir: Path,
+) -> FormatResult:
+    """Dedup the drop's valid rows and, if any are new, write and point CURRENT at a new version.
+
+    `drop_record` ({drop_id, fingerprint, rows_in, quarantined, ...}) is added to the version's
+    manifest, which is what makes re-ingesting the same drop a no-op.
+    """
+    logger = get_run_logger()
+    datasets = workspace.datasets
+    datasets.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(datasets / ".lock"):
+        remove_stale_tmp(datasets)
+        parent = current_version(workspace)
+        parent_manifest = parent.manifest if parent else None
+        if parent_manifest and parent_manifest["eval_ratio"] != config.eval_ratio:
+            raise DatasetError(
+                f"eval_ratio {config.eval_ratio} differs from {parent_manifest['eval_ratio']} of the current dataset "
+                f"{parent.name}: changing it would move rows between train and eval; keep "
+                f"--eval-ratio {parent_manifest['eval_ratio']} or start a new workspace (SFTFLOW_HOME)"
+            )
+        dataset_ids = parent.ids() if parent else pa.array([], pa.string())
+        drop_ids = pq.read_table(validated_path, columns=["id"]).column("id").combine_chunks().cast(pa.string())
+        keep, repeat_in_drop = new_row_mask(drop_ids, dataset_ids)
+
+        duplicates_path = staging_dir / "duplicates.parquet"
+        origin = pa.array(np.where(repeat_in_drop, f"drop:{drop_record['drop_id']}", f"dataset:{parent.name if parent else ''}"))
+        dup_mask = pa.array(~keep)
+        dup_rows = pq.read_table(validated_path, columns=["id", "source_drop", "source_file", "source_row"]).filter(dup_mask)
+        duplicates = dup_rows.append_column("duplicate_of", origin.filter(dup_mask)).cast(DUPLICATE_SCHEMA)
+        pq.write_table(duplicates, duplicates_path, compression="zstd")
+
+        accepted = int(keep.sum())
+        if accepted == 0:
+            name = parent.name if parent else None
+            rows = parent_manifest["rows"] if parent_manifest else dict.fromkeys(SPLITS, 0)
+            logger.info("no new rows: dataset %s unchanged", name)
+            return FormatResult(0, duplicates.num_rows, str(duplicates_path), name, False, rows)
+
+        all_ids = pa.concat_arrays([dataset_ids, drop_ids.filter(pa.array(keep))])
+        digest = content_hash(all_ids, config.eval_ratio)
+        target = datasets / f"{VERSION_PREFIX}{digest[:16]}"
+        if not (target / "manifest.json").exists():
+            manifest = {
+                "version": target.name,
+                "content_hash": digest,
+                "schema_version": CANONICAL_SCHEMA_VERSION,
+                "parent": parent.name if parent else None,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "eval_ratio": config.eval_ratio,
+                "drops": [*(parent_manifest["drops"] if parent_manifest else []), {**drop_record, "accepted": accepted,
+                          "duplicates": duplicates.num_rows}],
+            }
+            _write_version(target, parent, validated_path, keep, config, manifest)
+        write_bytes_atomic(datasets / "CURRENT", f"{target.name}\n".encode())
+        rows = DatasetVersion(target).manifest["rows"]
+        logger.info("dataset %s: +%s rows (train %s, eval %s)", target.name, accepted, rows["train"], rows["eval"])
+        return FormatResult(accepted, duplicates.num_rows, str(duplicates_path), target.name, True, rows)

@@ -1,0 +1,787 @@
+"""Ingest: read a drop's files in bounded batches, detect each file's format, normalise to canonical rows.
+
+Pure parts (`normalize_record`, `detect_format`, the readers over open files) take and return plain
+data; the task `read_drop` wires them to the file system and writes two staging tables: the
+normalised rows (with their raw text) and the rows that could not be normalised (quarantine).
+
+A corrupt line or record never stops a drop: it becomes a quarantined row with its raw text,
+file, row number and reasons.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import fsspec
+import ijson
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ijson.common import ObjectBuilder
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from schemas.config import IngestConfig
+from schemas.tables import QUARANTINE_SCHEMA, ROLES, STAGED_SCHEMA
+from sftflow.errors import DropError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion")
+DROP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Every spelling of a role seen in public instruction data, mapped to the four canonical roles.
+# ShareGPT's function_call is the assistant calling a tool; an observation is the tool's answer.
+ROLE_ALIASES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "human": "user",
+    "prompter": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "function_call": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "ipython": "tool",
+}
+
+csv.field_size_limit(sys.maxsize)
+
+
+class RawRecord(NamedTuple):
+    """One record as read from a file: its parsed value, or the reasons it could not be parsed."""
+
+    source_row: int
+    raw: str
+    value: Any
+    reasons: tuple[str, ...] = ()
+    details: str = ""
+
+
+class Rejection(NamedTuple):
+    reasons: tuple[str, ...]
+    details: str
+
+
+class CanonicalRow(NamedTuple):
+    id: str
+    messages: list[dict[str, str]]
+    tools: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Drop ids and file discovery
+# ---------------------------------------------------------------------------------------------
+
+
+def check_drop_id(drop_id: str) -> str:
+    """A drop id names a directory in the workspace, so it must not be able to escape it."""
+    if not DROP_ID_PATTERN.match(drop_id) or ".." in drop_id:
+        raise DropError(
+            f"drop id {drop_id!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit, with no '..' and no '/' (e.g. --drop-id 2026-11-orders)"
+        )
+    return drop_id
+
+
+def default_drop_id(paths: list[str], fingerprint: str) -> str:
+    name = Path(paths[0].rstrip("/")).name
+    for suffix in (".gz", *SUPPORTED_SUFFIXES):
+        name = name.removesuffix(suffix)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-_") or "drop"
+    return f"{stem[:100]}-{fingerprint[:12]}"
+
+
+def _suffix(path: str) -> str:
+    name = path.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return Path(name).suffix
+
+
+def list_drop_files(paths: list[str]) -> list[str]:
+    """Expand each PATH (file or directory, local or fsspec URL) to the data files it holds, sorted.
+
+    In a directory, files with an unsupported suffix, hidden files and markers such as `_SUCCESS`
+    are skipped; a file named explicitly must have a supported suffix.
+    """
+    files: list[str] = []
+    for path in paths:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        if not fs.exists(fs_path):
+            raise DropError(f"{path}: no such file or directory; pass a file or a directory of data files")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+        if fs.isdir(fs_path):
+            found = sorted(
+                p
+                for p in fs.find(fs_path)
+                if _suffix(p) in SUPPORTED_SUFFIXES and not Path(p).name.startswith((".", "_"))
+            )
+            files.extend(prefix + p for p in found)
+        elif _suffix(fs_path) in SUPPORTED_SUFFIXES:
+            files.append(prefix + fs_path)
+        else:
+            raise DropError(
+                f"{path}: unsupported file type; rename it or convert it to one of "
+                f"{', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)"
+            )
+    if not files:
+        raise DropError(f"{', '.join(paths)}: no data files ({', '.join(SUPPORTED_SUFFIXES)}, optionally .gz) found")
+    return files
+
+
+def fingerprint_files(files: list[str]) -> str:
+    """sha256 over every file's name and bytes: the identity of a drop's content."""
+    digest = hashlib.sha256()
+    for url in files:
+        digest.update(Path(url).name.encode() + b"\0")
+        with fsspec.open(url, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: an open binary file -> RawRecords. Each isolates a bad record to its own row.
+# ---------------------------------------------------------------------------------------------
+
+
+def _decode(line: bytes) -> tuple[str, bool]:
+    try:
+        return line.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return line.decode("utf-8", errors="backslashreplace"), False
+
+
+def read_jsonl(fh: io.BufferedIOBase) -> Iterator[RawRecord]:
+    for lineno, line in enumerate(fh, 1):
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]
+        line = line.rstrip(b"\r\n")
+        if not line.strip():
+            continue
+        text, valid = _decode(line)
+        if not valid:
+            yield RawRecord(lineno, text, None, ("invalid_utf8",), "line is not valid UTF-8; re-encode the file as UTF-8")
+            continue
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            yield RawRecord(lineno, text, None, ("malformed_json",), f"not a JSON value: {exc}; fix or remove the line")
+            continue
+        yield RawRecord(lineno, text, value)
+
+
+class _SkipBOM:
+    """ijson's C parser rejects a UTF-8 byte-order mark; files written by Windows tools start with one."""
+
+    def __init__(self, fh):
+        self._fh = fh
+        self._first = True
+        self.blank = True  # nothing but whitespace read so far
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fh.read(size)
+        if self.blank and data.strip(b" \t\r\n\xef\xbb\xbf"):
+            self.blank = False
+        if self._first and data:  # ijson first calls read(0) to learn whether the file is binary
+            self._first = False
+            if data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+        return data
+
+
+# A top-level JSON object whose first key is one of these is a single record; any other object is
+# an "object of arrays" ({"train": [...], "test": [...]}) whose arrays hold the records.
+_RECORD_KEYS = {"messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion"}
+
+
+def _dump_raw(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def _next(events: Iterator[tuple[str, str, Any]]) -> tuple[str, str, Any]:
+    # StopIteration must not escape into a generator (PEP 479 turns it into RuntimeError)
+    for item in events:
+        return item
+    raise ValueError("the JSON document ended early")
+
+
+def _build(event: str, value: Any, events: Iterator[tuple[str, str, Any]], builder: ObjectBuilder) -> Any:
+    """Consume the events of one complete JSON value that starts with (event, value)."""
+    builder.event(event, value)
+    depth = 1 if event in ("start_map", "start_array") else 0
+    while depth:
+        _prefix, event, value = _next(events)
+        builder.event(event, value)
+        if event in ("start_map", "start_array"):
+            depth += 1
+        elif event in ("end_map", "end_array"):
+            depth -= 1
+    return builder.value
+
+
+def _json_records(events: Iterator[tuple[str, str, Any]], builder_box: list) -> Iterator[tuple[Any, tuple, str]]:
+    """(value, reasons, details) for each record of an array, an object of arrays, or a single object."""
+
+    def build(event: str, value: Any) -> Any:
+        builder_box[0] = ObjectBuilder()
+        return _build(event, value, events, builder_box[0])
+
+    _prefix, event, value = _next(events)
+    if event == "start_array":
+        for _prefix, event, value in events:
+            if event == "end_array":
+                return
+            yield build(event, value), (), ""
+        return
+    if event != "start_map":
+        yield value, ("not_an_object",), "the file holds a single JSON scalar; a JSON drop is an array of objects"
+        return
+    _prefix, event, key = _next(events)
+    if event == "end_map":
+        return
+    if key in _RECORD_KEYS:  # one record: rebuild the object from its first key on
+        builder_box[0] = builder = ObjectBuilder()
+        builder.event("start_map", None)
+        builder.event("map_key", key)
+        depth = 1
+        while depth:
+            _prefix, event, value = _next(events)
+            builder.event(event, value)
+            depth += event in ("start_map", "start_array")
+            depth -= event in ("end_map", "end_array")
+        yield builder.value, (), ""
+        return
+    while event == "map_key":
+        _prefix, event, value = _next(events)
+        if event == "start_array":
+            for _prefix, event, value in events:
+                if event == "end_array":
+                    break
+                yield build(event, value), (), ""
+        else:
+            yield (
+                {key: build(event, value)},
+                ("not_an_object",),
+                f"key {key!r} holds no array; an object-of-arrays JSON file maps split names to arrays of records",
+            )
+        _prefix, event, key = _next(events)
+
+
+def read_json(fh: io.BufferedIOBase) -> Iterator[RawRecord]:
+    """Stream a JSON array, an object of arrays or a single object without loading the whole file."""
+    builder_box: list = [None]
+    index = 0
+    source = _SkipBOM(fh)
+    try:
+        for value, reasons, details in _json_records(ijson.parse(source, use_float=True), builder_box):
+            index += 1
+            yield RawRecord(index, _dump_raw(value), None if reasons else value, reasons, details)
+    except (ijson.JSONError, ijson.IncompleteJSONError, UnicodeDecodeError, ValueError) as exc:
+        if source.blank:  # an empty file has no rows
+            return
+        builder = builder_box[0]
+        partial = _dump_raw(builder.value) if builder is not None and hasattr(builder, "value") else ""
+        index += 1
+        yield RawRecord(
+            index,
+            partial,
+            None,
+            ("malformed_json",),
+            f"the JSON document is corrupt after record {index - 1} ({str(exc).splitlines()[0][:200]}); "
+            "the records before it were read; fix the file and drop it again",
+        )
+
+
+def read_csv(fh: io.BufferedIOBase) -> Iterator[RawRecord]:
+    """CSV with a header row. Cells are strings; a cell holding JSON (e.g. `messages`) is parsed later."""
+    # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row does not stop the file.
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.reader(text)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        yield RawRecord(1, "", None, ("malformed_csv",), f"unreadable header: {exc}")
+        return
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield RawRecord(start, "", None, ("malformed_csv",), f"unparseable CSV record: {exc}")
+            if reader.line_num < start:
+                return
+            continue
+        if not cells or (len(cells) == 1 and not cells[0].strip()):
+            continue
+        raw = ",".join(cells)
+        if any(_has_surrogates(cell) for cell in cells):
+            raw = raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            yield RawRecord(start, raw, None, ("invalid_utf8",), "row is not valid UTF-8; re-encode the file as UTF-8")
+            continue
+        if len(cells) != len(header):
+            yield RawRecord(
+                start,
+                raw,
+                None,
+                ("malformed_csv",),
+                f"row has {len(cells)} fields, the header has {len(header)}; quote fields that contain commas",
+            )
+            continue
+        yield RawRecord(start, raw, dict(zip(header, cells)))
+
+
+def read_parquet(fh: io.BufferedIOBase, batch_rows: int) -> Iterator[RawRecord]:
+    index = 0
+    try:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows):
+            for value in batch.to_pylist():
+                index += 1
+                yield RawRecord(index, _dump_raw(value), value)
+    except (pa.ArrowException, OSError) as exc:
+        index += 1
+        yield RawRecord(
+            index, "", None, ("unreadable_file",), f"Parquet file unreadable after {index - 1} rows: {exc}"
+        )
+
+
+def iter_file_records(url: str, batch_rows: int) -> Iterator[RawRecord]:
+    suffix = _suffix(url)
+    try:
+        with fsspec.open(url, "rb", compression="infer") as fh:
+            if suffix == ".jsonl":
+                yield from read_jsonl(fh)
+            elif suffix == ".json":
+                yield from read_json(fh)
+            elif suffix == ".csv":
+                yield from read_csv(fh)
+            else:
+                yield from read_parquet(fh, batch_rows)
+    except (OSError, EOFError) as exc:  # e.g. a truncated .gz stream
+        yield RawRecord(0, "", None, ("unreadable_file",), f"file could not be read to the end: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Format detection and normalisation (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def record_format(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return None
+    if "messages" in value:
+        return "openai"
+    if "conversations" in value:
+        return "sharegpt"
+    if "instruction" in value or ("output" in value and "input" in value):
+        return "alpaca"
+    if "prompt" in value or "completion" in value:
+        return "prompt_completion"
+    return None
+
+
+def detect_format(values: Iterable[Any]) -> str | None:
+    """The most common record format among sample records, or None when none is recognisable."""
+    votes = Counter(fmt for fmt in map(record_format, values) if fmt)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+class _Problems:
+    """Collects every problem of one record, so the quarantine lists all reasons, not the first."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.details: list[str] = []
+
+    def add(self, reason: str, detail: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        self.details.append(detail)
+
+
+def _maybe_json(value: Any) -> Any:
+    """CSV and Parquet cells carry nested fields as JSON strings."""
+    if isinstance(value, str) and value[:1] in ("[", "{"):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
+
+
+def _text(record: dict, key: str, problems: _Problems, *, required: bool) -> str | None:
+    value = record.get(key)
+    if value is None or (value == "" and not required):
+        if required:
+            problems.add(f"missing_field:{key}", f"field {key!r} is missing; every record needs it")
+        return None
+    if not isinstance(value, str):
+        problems.add(f"wrong_type:{key}", f"field {key!r} is {type(value).__name__}, expected a string")
+        return None
+    if required and not value.strip():
+        problems.add("empty_content", f"field {key!r} is blank; every record needs it filled")
+        return None
+    return value
+
+
+def _content_text(content: Any, where: str, problems: _Problems) -> str | None:
+    """OpenAI content: a string, or a list of parts of which only text parts are supported."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                problems.add("unsupported_content", f"{where}: content part of type {kind!r}; only text parts are supported")
+                return None
+        return "\n".join(texts)
+    problems.add("wrong_type:content", f"{where}: content is {type(content).__name__}, expected a string or a list of text parts")
+    return None
+
+
+def _role(raw_role: Any) -> str:
+    """Map an alias to its canonical role; an unknown role is kept as given so validation names it."""
+    if not isinstance(raw_role, str):
+        return str(raw_role)
+    return ROLE_ALIASES.get(raw_role.strip().lower(), raw_role)
+
+
+def _alpaca(record: dict, problems: _Problems) -> tuple[list[dict], Any]:
+    messages: list[dict] = []
+    system = _text(record, "system", problems, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    history = _maybe_json(record.get("history"))
+    if history not in (None, "", []):
+        if not isinstance(history, list) or not all(
+            isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in history
+        ):
+            problems.add("wrong_type:history", "field 'history' must be a list of [instruction, response] string pairs")
+        else:
+            for user, assistant in history:
+                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    instruction = _text(record, "instruction", problems, required=True)
+    extra_input = _text(record, "input", problems, required=False)
+    output = _text(record, "output", problems, required=True)
+    if instruction is not None:
+        user = f"{instruction}\n{extra_input}" if extra_input else instruction
+        messages.append({"role": "user", "content": user})
+    if output is not None:
+        messages.append({"role": "assistant", "content": output})
+    return messages, record.get("tools")
+
+
+def _sharegpt(record: dict, problems: _Problems) -> tuple[list[dict], Any]:
+    messages: list[dict] = []
+    system = _text(record, "system", problems, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    turns = _maybe_json(record.get("conversations"))
+    if not isinstance(turns, list):
+        kind = "missing" if turns is None else type(turns).__name__
+        problems.add("wrong_type:conversations", f"field 'conversations' is {kind}, expected a list of {{from, value}} turns")
+        return messages, record.get("tools")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            problems.add("wrong_type:conversations", f"conversations[{i}] is {type(turn).__name__}, expected an object")
+            continue
+        role = turn.get("from", turn.get("role"))
+        content = turn.get("value", turn.get("content"))
+        if role is None:
+            problems.add("missing_field:from", f"conversations[{i}] has no 'from'")
+            continue
+        text = _content_text(content, f"conversations[{i}]", problems) if content is not None else None
+        if content is None:
+            problems.add("missing_field:value", f"conversations[{i}] has no 'value'")
+        if text is not None:
+            messages.append({"role": _role(role), "content": text})
+    return messages, record.get("tools")
+
+
+def _openai(record: dict, problems: _Problems) -> tuple[list[dict], Any]:
+    messages: list[dict] = []
+    turns = _maybe_json(record.get("messages"))
+    if not isinstance(turns, list):
+        kind = "missing" if turns is None else type(turns).__name__
+        problems.add("wrong_type:messages", f"field 'messages' is {kind}, expected a list of {{role, content}} messages")
+        return messages, record.get("tools")
+    for i, message in enumerate(turns):
+        if not isinstance(message, dict):
+            problems.add("wrong_type:messages", f"messages[{i}] is {type(message).__name__}, expected an object")
+            continue
+        if "role" not in message:
+            problems.add("missing_field:role", f"messages[{i}] has no 'role'")
+            continue
+        content = message.get("content")
+        calls = message.get("tool_calls") or message.get("function_call")
+        if content in (None, "") and calls:
+            # An assistant turn that only calls tools: its content is the calls, as JSON.
+            text = orjson.dumps(calls, option=orjson.OPT_SORT_KEYS).decode()
+        elif content is None:
+            problems.add("missing_field:content", f"messages[{i}] has no 'content'")
+            continue
+        else:
+            text = _content_text(content, f"messages[{i}]", problems)
+        if text is not None:
+            messages.append({"role": _role(message["role"]), "content": text})
+    return messages, record.get("tools")
+
+
+def _prompt_completion(record: dict, problems: _Problems) -> tuple[list[dict], Any]:
+    messages: list[dict] = []
+    system = _text(record, "system", problems, required=False)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        value = _maybe_json(record.get(key))
+        if isinstance(value, list):  # TRL's conversational prompt/completion: lists of messages
+            messages += _openai({"messages": value}, problems)[0]
+        elif value is None:
+            problems.add(f"missing_field:{key}", f"field {key!r} is missing; every record needs it")
+        elif not isinstance(value, str):
+            problems.add(f"wrong_type:{key}", f"field {key!r} is {type(value).__name__}, expected a string or a list of messages")
+        else:
+            messages.append({"role": role, "content": value})
+    return messages, record.get("tools")
+
+
+_NORMALISERS = {
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "openai": _openai,
+    "prompt_completion": _prompt_completion,
+}
+
+_FORMAT_KEYS = {
+    "alpaca": "instruction/input/output",
+    "sharegpt": "conversations",
+    "openai": "messages",
+    "prompt_completion": "prompt/completion",
+}
+
+
+def _tools_json(tools: Any, problems: _Problems) -> str | None:
+    """Tool definitions as compact JSON with sorted keys, so equal tools give equal row ids."""
+    tools = _maybe_json(tools)
+    if tools in (None, "", [], {}):
+        return None
+    if isinstance(tools, str):
+        problems.add("invalid_tools_json", "field 'tools' is a string that is not JSON; give the tool list as JSON")
+        return None
+    if not isinstance(tools, (list, dict)):
+        problems.add("wrong_type:tools", f"field 'tools' is {type(tools).__name__}, expected a JSON list of tools")
+        return None
+    return orjson.dumps(tools, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def row_id(messages: list[dict[str, str]], tools: str | None) -> str:
+    """sha256 of the normalised conversation: equal conversations (and tools) get equal ids."""
+    payload = orjson.dumps([[m["role"], m["content"]] for m in messages] + [tools])
+    return hashlib.sha256(payload).hexdigest()
+
+
+def normalize_record(value: Any, fmt: str) -> CanonicalRow | Rejection:
+    """Turn one parsed record of the given source format into a canonical row, or say why not."""
+    if not isinstance(value, dict):
+        return Rejection(("not_an_object",), f"record is {type(value).__name__}, expected a JSON object")
+    if record_format(value) not in (fmt, None) and fmt != "alpaca":
+        return Rejection(
+            ("format_mismatch",),
+            f"record looks like {record_format(value)}, but the file is {fmt} (fields {_FORMAT_KEYS[fmt]}); "
+            "split mixed files by format or pass --format",
+        )
+    problems = _Problems()
+    messages, tools = _NORMALISERS[fmt](value, problems)
+    tools_json = _tools_json(tools, problems)
+    if problems.reasons:
+        return Rejection(tuple(problems.reasons), "; ".join(problems.details))
+    try:
+        rid = row_id(messages, tools_json)
+    except orjson.JSONEncodeError:  # lone surrogates from \\ud800-style escapes
+        return Rejection(("invalid_utf8",), "text holds unpaired UTF-16 surrogates; re-encode the source as UTF-8")
+    return CanonicalRow(rid, messages, tools_json)
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The task: files -> staged canonical rows + quarantined rows (Parquet, in bounded batches)
+# ---------------------------------------------------------------------------------------------
+
+DETECT_SAMPLE = 1000
+
+
+@dataclass
+class StagedDrop:
+    """What `read_drop` wrote: references and counts, no payloads."""
+
+    drop_id: str
+    files: dict[str, dict] = field(default_factory=dict)  # url -> {format, rows}
+    rows_in: int = 0
+    staged_rows: int = 0
+    quarantined: int = 0
+    staged_path: str = ""
+    quarantine_path: str = ""
+
+
+class _BatchWriter:
+    """Buffers rows as columns and writes them as Parquet row groups of `batch_rows`."""
+
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int):
+        self.path, self.schema, self.batch_rows = path, schema, batch_rows
+        self.columns: dict[str, list] = {name: [] for name in schema.names}
+        self.writer = pq.ParquetWriter(path, schema, compression="zstd")
+        self.rows = 0
+
+    def add(self, **row: Any) -> None:
+        for name, column in self.columns.items():
+            column.append(row[name])
+        if len(self.columns["source_row"]) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        n = len(self.columns["source_row"])
+        if n:
+            self.writer.write_table(pa.Table.from_pydict(self.columns, schema=self.schema))
+            self.rows += n
+            self.columns = {name: [] for name in self.schema.names}
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def stage_records(
+    url: str,
+    records: Iterable[RawRecord],
+    fmt: str | None,
+    drop_id: str,
+    staged: _BatchWriter,
+    quarantine: _BatchWriter,
+) -> Counter:
+    """Normalise each record of one file into `staged`, or quarantine it; returns counts by outcome."""
+    counts: Counter = Counter()
+    for rec in records:
+        counts["rows_in"] += 1
+        source = {"source_drop": drop_id, "source_file": url, "source_row": rec.source_row}
+        if rec.reasons:
+            result: CanonicalRow | Rejection = Rejection(rec.reasons, rec.details)
+        elif fmt is None:
+            result = Rejection(
+                ("unknown_format",),
+                "no record in the file has the fields of a known format (messages, conversations, "
+                "instruction/output, prompt/completion); pass --format or fix the field names",
+            )
+        else:
+            result = normalize_record(rec.value, fmt)
+        if isinstance(result, Rejection):
+            counts["quarantined"] += 1
+            quarantine.add(
+                **source,
+                source_format=fmt,
+                reasons=list(result.reasons),
+                details=result.details,
+                raw=rec.raw,
+            )
+        else:
+            counts["staged"] += 1
+            staged.add(**source, source_format=fmt, id=result.id, messages=result.messages, tools=result.tools, raw=rec.raw)
+    return counts
+
+
+def _records_with_format(url: str, fmt_option: str, batch_rows: int) -> tuple[str | None, Iterator[RawRecord]]:
+    records = iter_file_records(url, batch_rows)
+    if fmt_option != "auto":
+        return fmt_option, records
+    head: list[RawRecord] = []
+    for rec in records:
+        head.append(rec)
+        if len(head) >= DETECT_SAMPLE:
+            break
+    fmt = detect_format(r.value for r in head if not r.reasons)
+
+    def chained() -> Iterator[RawRecord]:
+        yield from head
+        yield from records
+
+    return fmt, chained()
+
+
+@task(cache_policy=NO_CACHE)
+def read_drop(files: list[str], drop_id: str, config: IngestConfig, staging_dir: Path) -> StagedDrop:
+    """Read every file of the drop, normalise its records, stage rows and quarantine in Parquet."""
+    logger = get_run_logger()
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    result = StagedDrop(
+        drop_id=drop_id,
+        staged_path=str(staging_dir / "normalized.parquet"),
+        quarantine_path=str(staging_dir / "quarantine_read.parquet"),
+    )
+    staged = _BatchWriter(Path(result.staged_path), STAGED_SCHEMA, config.batch_rows)
+    quarantine = _BatchWriter(Path(result.quarantine_path), QUARANTINE_SCHEMA, config.batch_rows)
+    try:
+        for url in files:
+            fmt, records = _records_with_format(url, config.format, config.batch_rows)
+            counts = stage_records(url, records, fmt, drop_id, staged, quarantine)
+            result.files[url] = {"format": fmt, "rows": counts["rows_in"], "quarantined_on_read": counts["quarantined"]}
+            result.rows_in += counts["rows_in"]
+            result.staged_rows += counts["staged"]
+            result.quarantined += counts["quarantined"]
+            logger.info("%s: %s rows, format %s, %s unreadable", url, counts["rows_in"], fmt, counts["quarantined"])
+    finally:
+        staged.close()
+        quarantine.close()
+    return result
+
+
+__all__ = [
+    "FORMATS",
+    "ROLES",
+    "CanonicalRow",
+    "RawRecord",
+    "Rejection",
+    "StagedDrop",
+    "check_drop_id",
+    "default_drop_id",
+    "detect_format",
+    "fingerprint_files",
+    "list_drop_files",
+    "normalize_record",
+    "read_csv",
+    "read_drop",
+    "read_json",
+    "read_jsonl",
+    "read_parquet",
+    "row_id",
+]

@@ -1,0 +1,235 @@
+"""Validate: the data contract (a great-expectations suite kept as data in `schemas/expectations/`).
+
+Each canonical row is reduced to a feature row (counts of roles, empty messages, length, last
+role); the GX suite runs on those features with row-level results, and every row any expectation
+rejects is quarantined with the `meta.reason` of each expectation it failed. The suite is loaded
+strictly: an unknown expectation type, a missing reason or a column the features lack is an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from schemas.config import IngestConfig
+from schemas.tables import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, ROLES
+from sftflow.errors import ConfigError
+
+SUITE_PATH = Path(__file__).resolve().parent.parent / "schemas" / "expectations" / "canonical_rows.json"
+
+FEATURE_COLUMNS = (
+    "id",
+    "n_messages",
+    "n_user",
+    "n_assistant",
+    "n_unknown_role",
+    "n_empty",
+    "n_system_not_first",
+    "total_chars",
+    "last_role",
+)
+
+
+def row_features(rows: pa.Table) -> pd.DataFrame:
+    """One feature row per conversation, computed column-wise (no Python loop over rows)."""
+    n = rows.num_rows
+    messages = rows.column("messages").combine_chunks()
+    flat = pc.list_flatten(messages)
+    parents = pc.list_parent_indices(messages).to_numpy(zero_copy_only=False)
+    roles = flat.field("role")
+    contents = flat.field("content")
+    offsets = messages.offsets.to_numpy()
+    starts = offsets[:-1] - offsets[0]
+    lengths = np.diff(offsets)
+    position = np.arange(len(flat)) - np.repeat(starts, lengths)
+
+    def per_row(mask: Any) -> np.ndarray:
+        return np.bincount(parents, weights=np.asarray(mask, dtype=np.float64), minlength=n).astype(np.int64)
+
+    is_system = pc.equal(roles, "system").to_numpy(zero_copy_only=False)
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(contents)), 0).to_numpy(zero_copy_only=False)
+    last_index = np.where(lengths > 0, offsets[1:] - offsets[0] - 1, 0)
+    last_role = np.asarray(roles.take(pa.array(last_index)).to_pylist() if len(flat) else [""] * n, dtype=object)
+    last_role[lengths == 0] = ""
+    return pd.DataFrame(
+        {
+            "id": rows.column("id").to_numpy(zero_copy_only=False),
+            "n_messages": lengths.astype(np.int64),
+            "n_user": per_row(pc.equal(roles, "user").to_numpy(zero_copy_only=False)),
+            "n_assistant": per_row(pc.equal(roles, "assistant").to_numpy(zero_copy_only=False)),
+            "n_unknown_role": per_row(pc.invert(pc.is_in(roles, pa.array(ROLES))).to_numpy(zero_copy_only=False)),
+            "n_empty": per_row(blank),
+            "n_system_not_first": per_row(is_system & (position > 0)),
+            "total_chars": per_row(pc.utf8_length(contents).to_numpy(zero_copy_only=False)),
+            "last_role": last_role,
+        }
+    )
+
+
+def _camel(expectation_type: str) -> str:
+    return "".join(part.capitalize() for part in expectation_type.split("_"))
+
+
+@dataclass(frozen=True)
+class ContractSuite:
+    """A loaded GX suite plus what each expectation means for a row."""
+
+    name: str
+    version: int
+    suite: Any  # great_expectations.ExpectationSuite
+    reasons: tuple[str, ...]  # per expectation, in suite order
+    fixes: tuple[str, ...]
+
+
+def _quiet_gx() -> None:
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="great_expectations")
+
+
+def load_suite(path: Path = SUITE_PATH) -> ContractSuite:
+    """Load a suite file strictly: fail naming the expectation that did not load."""
+    _quiet_gx()
+    import great_expectations as gx
+
+    try:
+        spec = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the expectation suite: {exc}") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("expectations"), list) or not spec["expectations"]:
+        raise ConfigError(f"{path}: an expectation suite is an object with a non-empty 'expectations' list")
+    expectations, reasons, fixes = [], [], []
+    for i, item in enumerate(spec["expectations"]):
+        where = f"{path}: expectations[{i}]"
+        etype = item.get("type") if isinstance(item, dict) else None
+        cls = getattr(gx.expectations, _camel(etype), None) if isinstance(etype, str) else None
+        if cls is None:
+            raise ConfigError(f"{where}: unknown expectation type {etype!r}; use a great_expectations core expectation")
+        meta = item.get("meta") or {}
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", str(meta.get("reason", ""))):
+            raise ConfigError(f"{where}: meta.reason must be a snake_case reason code (it labels quarantined rows)")
+        kwargs = dict(item.get("kwargs") or {})
+        if kwargs.get("column") not in FEATURE_COLUMNS:
+            raise ConfigError(f"{where}: column {kwargs.get('column')!r} is not a row feature; use one of {FEATURE_COLUMNS}")
+        try:
+            expectations.append(cls(**kwargs, meta=meta))
+        except Exception as exc:  # pydantic validation errors of GX expectation models
+            raise ConfigError(f"{where}: invalid arguments for {etype}: {exc}") from exc
+        reasons.append(meta["reason"])
+        fixes.append(str(meta.get("fix", "")))
+    suite = gx.ExpectationSuite(name=f"{spec.get('name', path.stem)}.v{spec.get('version', 0)}", expectations=expectations)
+    if len(suite.expectations) != len(spec["expectations"]):
+        raise ConfigError(f"{path}: {len(spec['expectations'])} expectations in the file, {len(suite.expectations)} loaded")
+    return ContractSuite(spec.get("name", path.stem), int(spec.get("version", 0)), suite, tuple(reasons), tuple(fixes))
+
+
+class ContractValidator:
+    """Runs a loaded suite on feature frames through an ephemeral GX context (no files written)."""
+
+    def __init__(self, contract: ContractSuite):
+        _quiet_gx()
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.contract = contract
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        asset = context.data_sources.add_pandas("sftflow_rows").add_dataframe_asset("features")
+        batch = asset.add_batch_definition_whole_dataframe("batch")
+        suite = context.suites.add(contract.suite)
+        self.definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{contract.name}-rows", data=batch, suite=suite)
+        )
+
+    def failing_rows(self, features: pd.DataFrame, max_chars: int) -> dict[int, list[str]]:
+        """Row position -> reason codes of every expectation the row fails."""
+        result = self.definition.run(
+            batch_parameters={"dataframe": features},
+            expectation_parameters={"max_chars": max_chars},
+            result_format={"result_format": "COMPLETE", "return_unexpected_index_query": False},
+        )
+        failing: dict[int, list[str]] = {}
+        for res in result.results:
+            if res.exception_info.get("raised_exception"):
+                raise ConfigError(
+                    f"expectation {res.expectation_config.type} on {res.expectation_config.kwargs.get('column')} "
+                    f"could not run: {res.exception_info.get('exception_message')}"
+                )
+            reason = res.expectation_config.meta["reason"]
+            for index in res.result.get("unexpected_index_list") or []:
+                failing.setdefault(int(index), []).append(reason)
+        return failing
+
+
+@functools.cache
+def default_validator() -> ContractValidator:
+    return ContractValidator(load_suite())
+
+
+def split_batch(
+    rows: pa.Table, validator: ContractValidator, max_chars: int
+) -> tuple[pa.Table, pa.Table]:
+    """Staged rows -> (accepted canonical rows, quarantined rows with reasons and raw text)."""
+    failing = validator.failing_rows(row_features(rows), max_chars)
+    bad = np.zeros(rows.num_rows, dtype=bool)
+    bad[list(failing)] = True
+    accepted = rows.filter(pa.array(~bad)).select(CANONICAL_SCHEMA.names).cast(CANONICAL_SCHEMA)
+    rejected = rows.filter(pa.array(bad))
+    fixes = dict(zip(validator.contract.reasons, validator.contract.fixes))
+    reasons = [failing[i] for i in sorted(failing)]
+    quarantined = pa.table(
+        {
+            "source_drop": rejected.column("source_drop"),
+            "source_file": rejected.column("source_file"),
+            "source_row": rejected.column("source_row"),
+            "source_format": rejected.column("source_format"),
+            "reasons": pa.array(reasons, pa.list_(pa.string())),
+            "details": pa.array(["; ".join(f"{r}: {fixes[r]}" for r in rs) for rs in reasons], pa.string()),
+            "raw": rejected.column("raw"),
+        },
+        schema=QUARANTINE_SCHEMA,
+    )
+    return accepted, quarantined
+
+
+@dataclass
+class ValidatedDrop:
+    accepted_rows: int
+    quarantined: int
+    accepted_path: str
+    quarantine_path: str
+
+
+@task(cache_policy=NO_CACHE)
+def validate_rows(staged_path: str, config: IngestConfig, staging_dir: Path) -> ValidatedDrop:
+    """Run the contract over the staged rows batch by batch; write accepted rows and quarantine."""
+    logger = get_run_logger()
+    validator = default_validator()
+    out = ValidatedDrop(0, 0, str(staging_dir / "validated.parquet"), str(staging_dir / "quarantine_validate.parquet"))
+    source = pq.ParquetFile(staged_path)
+    with (
+        pq.ParquetWriter(out.accepted_path, CANONICAL_SCHEMA, compression="zstd") as accepted_writer,
+        pq.ParquetWriter(out.quarantine_path, QUARANTINE_SCHEMA, compression="zstd") as quarantine_writer,
+    ):
+        for batch in source.iter_batches(batch_size=config.batch_rows):
+            accepted, quarantined = split_batch(pa.Table.from_batches([batch]), validator, config.max_chars)
+            accepted_writer.write_table(accepted)
+            quarantine_writer.write_table(quarantined)
+            out.accepted_rows += accepted.num_rows
+            out.quarantined += quarantined.num_rows
+    logger.info("contract %s v%s: %s rows accepted, %s quarantined", validator.contract.name,
+                validator.contract.version, out.accepted_rows, out.quarantined)
+    return out

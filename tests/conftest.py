@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests never download: data comes from tmp files, data/drops and ../shared/datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DROPS = ROOT / "data" / "drops"
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+# Keep Prefect and GX off the network and out of the source tree for the whole test session.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A fresh SFTFLOW_HOME per test."""
+    from sftflow.workspace import Workspace
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("SFTFLOW_HOME", str(home))
+    return Workspace(home).ensure()
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATASETS / name
+    if not path.exists():
+        pytest.skip(f"{path} is not beside the checkout (CI provides ../shared)")
+    return path
