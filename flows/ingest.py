@@ -72,7 +72,7 @@ def ingest_drop(paths: list[str], drop_id: str | None = None, config: IngestConf
         staged = read_drop(files, drop_id, config, staging)
         if staged.rows_in == 0:
             raise DropError(f"{', '.join(files)}: no rows found; the drop's files are empty")
-        validated = validate_rows(staged.staged_path, config, staging)
+        validated = validate_rows(staged.staged_paths, config, staging)
         quarantined = staged.quarantined + validated.quarantined
         report = {
             "drop_id": drop_id,
@@ -84,7 +84,7 @@ def ingest_drop(paths: list[str], drop_id: str | None = None, config: IngestConf
             "max_reject_rate": config.max_reject_rate,
             "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        quarantine_parts = [staged.quarantine_path, validated.quarantine_path]
+        quarantine_parts = [*staged.quarantine_paths, validated.quarantine_path]
         drop_dir = workspace.drops / drop_id
 
         if report["reject_rate"] > config.max_reject_rate:

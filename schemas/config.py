@@ -37,7 +37,7 @@ class IngestConfig(StrictModel):
         32_000, gt=0, description="Longest conversation accepted, in characters over all message contents."
     )
     batch_rows: int = Field(
-        10_000, gt=0, description="Rows per Arrow batch while reading and validating; bounds memory use."
+        50_000, gt=0, description="Rows per Arrow batch while reading and validating; bounds memory use."
     )
     quarantine_examples: int = Field(
         5, ge=0, description="Quarantined rows shown, with their reasons, in the drop's Prefect markdown artifact."

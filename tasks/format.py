@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from schemas.config import IngestConfig
 from schemas.tables import CANONICAL_SCHEMA, CANONICAL_SCHEMA_VERSION, DUPLICATE_SCHEMA, SPLITS
+from sftflow import staging
 from sftflow.atomic import exclusive_lock, read_json, remove_stale_tmp, staged_dir, write_bytes_atomic
 from sftflow.errors import DatasetError
 from sftflow.workspace import Workspace
@@ -159,7 +160,7 @@ def _write_version(
                         writers[split].write_batch(batch)
                         rows[split] += batch.num_rows
             offset = 0
-            for batch in pq.ParquetFile(validated_path).iter_batches(batch_size=config.batch_rows):
+            for batch in staging.iter_batches(validated_path):
                 table = pa.Table.from_batches([batch]).filter(pa.array(keep[offset : offset + batch.num_rows]))
                 offset += batch.num_rows
                 is_eval = pa.array(eval_mask(table.column("id"), config.eval_ratio))
@@ -214,13 +215,13 @@ def write_dataset_version(
                 f"--eval-ratio {parent_manifest['eval_ratio']} or start a new workspace (SFTFLOW_HOME)"
             )
         dataset_ids = parent.ids() if parent else pa.array([], pa.string())
-        drop_ids = pq.read_table(validated_path, columns=["id"]).column("id").combine_chunks().cast(pa.string())
+        drop_ids = staging.read_columns(validated_path, ["id"]).column("id").combine_chunks().cast(pa.string())
         keep, repeat_in_drop = new_row_mask(drop_ids, dataset_ids)
 
         duplicates_path = staging_dir / "duplicates.parquet"
         origin = pa.array(np.where(repeat_in_drop, f"drop:{drop_record['drop_id']}", f"dataset:{parent.name if parent else ''}"))
         dup_mask = pa.array(~keep)
-        dup_rows = pq.read_table(validated_path, columns=["id", "source_drop", "source_file", "source_row"]).filter(dup_mask)
+        dup_rows = staging.read_columns(validated_path, ["id", "source_drop", "source_file", "source_row"]).filter(dup_mask)
         duplicates = dup_rows.append_column("duplicate_of", origin.filter(dup_mask)).cast(DUPLICATE_SCHEMA)
         pq.write_table(duplicates, duplicates_path, compression="zstd")
 

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from schemas.tables import QUARANTINE_SCHEMA
+from sftflow import staging
 from sftflow.atomic import staged_dir, write_bytes_atomic
 
 
@@ -42,7 +43,7 @@ def merge_quarantine(paths: list[str], target: Path) -> tuple[int, dict[str, int
         for path in paths:
             if not Path(path).exists():
                 continue
-            for batch in pq.ParquetFile(path).iter_batches(columns=None):
+            for batch in staging.iter_batches(path):
                 writer.write_batch(batch)
                 rows += batch.num_rows
                 for row_reasons in batch.column("reasons").to_pylist():

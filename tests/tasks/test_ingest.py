@@ -102,7 +102,7 @@ def test_csv_cell_with_json_messages_normalises():
     data = "messages\n" + '"' + json.dumps(messages).replace('"', '""') + '"\n'
     (record,) = read_csv(io.BytesIO(data.encode()))
     row = normalize_record(record.value, "openai")
-    assert isinstance(row, CanonicalRow) and row.messages == messages
+    assert isinstance(row, CanonicalRow) and row.messages == [(m["role"], m["content"]) for m in messages]
 
 
 def test_parquet_and_gzip_through_fsspec(tmp_path):
@@ -174,11 +174,11 @@ def test_alpaca_with_system_history_and_input():
         "alpaca",
     )
     assert row.messages == [
-        {"role": "system", "content": "Be terse."},
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "Convert to metres.\n3 km"},
-        {"role": "assistant", "content": "3000 m"},
+        ("system", "Be terse."),
+        ("user", "hi"),
+        ("assistant", "hello"),
+        ("user", "Convert to metres.\n3 km"),
+        ("assistant", "3000 m"),
     ]
 
 
@@ -204,7 +204,7 @@ def test_sharegpt_roles_tools_and_observation():
         },
         "sharegpt",
     )
-    assert [m["role"] for m in row.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert [role for role, _ in row.messages] == ["system", "user", "assistant", "tool", "assistant"]
     assert json.loads(row.tools) == tools
 
 
@@ -228,9 +228,9 @@ def test_openai_content_parts_tool_calls_and_developer_role():
         },
         "openai",
     )
-    assert row.messages[0] == {"role": "system", "content": "Rules."}
-    assert row.messages[1]["content"] == "part one\ntwo"
-    assert json.loads(row.messages[2]["content"])[0]["function"]["name"] == "f"
+    assert row.messages[0] == ("system", "Rules.")
+    assert row.messages[1] == ("user", "part one\ntwo")
+    assert json.loads(row.messages[2][1])[0]["function"]["name"] == "f"
 
 
 def test_openai_image_part_is_unsupported():
@@ -276,10 +276,10 @@ def test_detect_format_by_majority():
 
 
 def test_row_id_depends_on_content_roles_and_tools_only():
-    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    assert row_id(messages, None) == row_id([dict(m) for m in messages], None)
+    messages = [("user", "a"), ("assistant", "b")]
+    assert row_id(messages, None) == row_id([tuple(m) for m in messages], None)
     assert row_id(messages, None) != row_id(messages, "[]")
-    swapped = [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]
+    swapped = [("assistant", "a"), ("user", "b")]
     assert row_id(messages, None) != row_id(swapped, None)
     assert len(row_id(messages, None)) == 64 and orjson.loads(orjson.dumps(row_id(messages, None)))
 
