@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sftflow.errors import ConfigError
 
 SourceFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion"]
 
@@ -42,3 +49,166 @@ class IngestConfig(StrictModel):
     quarantine_examples: int = Field(
         5, ge=0, description="Quarantined rows shown, with their reasons, in the drop's Prefect markdown artifact."
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The run config: one validated object for a training run, loaded from YAML + key=value overrides
+# ---------------------------------------------------------------------------------------------
+
+Engine = Literal["auto", "unsloth", "hf"]
+
+
+class ModelConfig(StrictModel):
+    """The base model."""
+
+    name: str = Field(
+        description="A Hugging Face hub id, a local model directory, or 'tiny' for the small Llama model sftflow "
+        "builds locally (tests and the demo; no download)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when name is a hub id.")
+    trust_remote_code: bool = Field(
+        False, description="Allow a model directory's own Python code to run. Off: such models are refused."
+    )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template that replaces the tokenizer's own (e.g. for a base model without one)."
+    )
+    load_in_4bit: bool | None = Field(
+        None, description="QLoRA: load the base in 4-bit NF4. None = on when CUDA is present (never on CPU)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel of the hf engine (Unsloth picks its own)."
+    )
+
+
+class LoraConfig(StrictModel):
+    """The LoRA adapter."""
+
+    r: int = Field(16, gt=0, description="Rank of the LoRA update matrices.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (Unsloth is fastest at 0).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names to adapt, or 'all-linear'.",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower, hf engine only.")
+
+
+class TrainConfig(StrictModel):
+    """The supervised fine-tuning run."""
+
+    engine: Engine = Field("auto", description="auto = unsloth when CUDA and unsloth are present, else hf.")
+    max_seq_length: int = Field(2048, gt=0, description="Longest training sequence in tokens; longer rows are truncated.")
+    epochs: float | None = Field(1.0, gt=0, description="Passes over the train split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optim: str = Field("adamw_torch", description="Optimizer name as in transformers (e.g. adamw_8bit on CUDA).")
+    batch_size: int = Field(8, gt=0, description="Rows (or packed sequences) per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    packing: bool = Field(
+        False, description="Pack several rows into each max_seq_length sequence (padding-free, no cross-row attention)."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
+    logging_steps: int = Field(1, gt=0, description="Steps between progress reports (loss, learning rate).")
+    save_steps: int = Field(50, gt=0, description="Steps between checkpoints; a retried run resumes from the last.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk.")
+    eval_steps: int | None = Field(None, gt=0, description="Steps between eval-loss measurements (None: only at the end).")
+    max_truncation_rate: float = Field(
+        0.05, ge=0, le=1, description="Fail before training when more than this share of rows is truncated."
+    )
+    report_to: list[str] = Field(
+        ["tensorboard"], description="Trackers, as trl's report_to (tensorboard, mlflow, wandb, ...); [] for none."
+    )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainConfig":
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.epochs or train.max_steps")
+        return self
+
+
+class RunConfig(StrictModel):
+    """Everything a training run needs, validated before anything runs."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Name of the model being trained: registry entry and run-id prefix (letters, digits, . _ -).",
+    )
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.lora.use_dora and self.train.engine == "unsloth":
+            raise ValueError("lora.use_dora is not supported by the unsloth engine; set train.engine=hf")
+        if self.model.load_in_4bit and self.model.dtype == "float32":
+            raise ValueError("model.load_in_4bit computes in 16-bit; set model.dtype to bfloat16, float16 or auto")
+        return self
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` pairs; values are parsed as YAML (numbers, booleans, lists), strings otherwise."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(f"override {item!r}: write key=value with a dotted key, e.g. train.learning_rate=1e-4")
+        parsed.append((key, yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """Every error at once, each naming its dotted field."""
+    lines = [f"{source}: {len(exc.errors())} error(s)"]
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = "unknown field (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML run config and apply dotted overrides; ConfigError lists every problem."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config is a YAML mapping (name:, model:, lora:, train:)")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from exc
+
+
+def config_hash(config: BaseModel) -> str:
+    """Stable hash of a config's values (key order and formatting do not matter)."""
+    payload = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -182,6 +182,25 @@ def _write_version(
         write_bytes_atomic(tmp / "manifest.json", _json(manifest))
 
 
+def _write_duplicates(validated_path: str, keep: np.ndarray, repeat_in_drop: np.ndarray, drop_id: str,
+                      parent: DatasetVersion | None, target: Path) -> int:
+    """Write every row that is not new, with what it duplicates; batch by batch. Returns the count."""
+    count, offset = 0, 0
+    columns = ["id", "source_drop", "source_file", "source_row"]
+    with pq.ParquetWriter(target, DUPLICATE_SCHEMA, compression="zstd") as writer:
+        for batch in staging.iter_batches(validated_path):
+            window = slice(offset, offset + batch.num_rows)
+            offset += batch.num_rows
+            is_dup = ~keep[window]
+            if not is_dup.any():
+                continue
+            rows = pa.Table.from_batches([batch.select(columns)]).filter(pa.array(is_dup))
+            origin = np.where(repeat_in_drop[window][is_dup], f"drop:{drop_id}", f"dataset:{parent.name if parent else ''}")
+            writer.write_table(rows.append_column("duplicate_of", pa.array(origin, pa.string())).cast(DUPLICATE_SCHEMA))
+            count += rows.num_rows
+    return count
+
+
 def _json(obj: object) -> bytes:
     import orjson
 
@@ -219,18 +238,15 @@ def write_dataset_version(
         keep, repeat_in_drop = new_row_mask(drop_ids, dataset_ids)
 
         duplicates_path = staging_dir / "duplicates.parquet"
-        origin = pa.array(np.where(repeat_in_drop, f"drop:{drop_record['drop_id']}", f"dataset:{parent.name if parent else ''}"))
-        dup_mask = pa.array(~keep)
-        dup_rows = staging.read_columns(validated_path, ["id", "source_drop", "source_file", "source_row"]).filter(dup_mask)
-        duplicates = dup_rows.append_column("duplicate_of", origin.filter(dup_mask)).cast(DUPLICATE_SCHEMA)
-        pq.write_table(duplicates, duplicates_path, compression="zstd")
+        duplicates = _write_duplicates(validated_path, keep, repeat_in_drop, drop_record["drop_id"], parent,
+                                       duplicates_path)
 
         accepted = int(keep.sum())
         if accepted == 0:
             name = parent.name if parent else None
             rows = parent_manifest["rows"] if parent_manifest else dict.fromkeys(SPLITS, 0)
             logger.info("no new rows: dataset %s unchanged", name)
-            return FormatResult(0, duplicates.num_rows, str(duplicates_path), name, False, rows)
+            return FormatResult(0, duplicates, str(duplicates_path), name, False, rows)
 
         all_ids = pa.concat_arrays([dataset_ids, drop_ids.filter(pa.array(keep))])
         digest = content_hash(all_ids, config.eval_ratio)
@@ -244,10 +260,10 @@ def write_dataset_version(
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "eval_ratio": config.eval_ratio,
                 "drops": [*(parent_manifest["drops"] if parent_manifest else []), {**drop_record, "accepted": accepted,
-                          "duplicates": duplicates.num_rows}],
+                          "duplicates": duplicates}],
             }
             _write_version(target, parent, validated_path, keep, config, manifest)
         write_bytes_atomic(datasets / "CURRENT", f"{target.name}\n".encode())
         rows = DatasetVersion(target).manifest["rows"]
         logger.info("dataset %s: +%s rows (train %s, eval %s)", target.name, accepted, rows["train"], rows["eval"])
-        return FormatResult(accepted, duplicates.num_rows, str(duplicates_path), target.name, True, rows)
+        return FormatResult(accepted, duplicates, str(duplicates_path), target.name, True, rows)

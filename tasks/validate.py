@@ -9,6 +9,7 @@ strictly: an unknown expectation type, a missing reason or a column the features
 from __future__ import annotations
 
 import functools
+from bisect import bisect_left
 import logging
 import re
 import warnings
@@ -34,7 +35,6 @@ from sftflow.errors import ConfigError
 SUITE_PATH = Path(__file__).resolve().parent.parent / "schemas" / "expectations" / "canonical_rows.json"
 
 FEATURE_COLUMNS = (
-    "id",
     "n_messages",
     "n_user",
     "n_assistant",
@@ -64,12 +64,13 @@ def row_features(rows: pa.Table) -> pd.DataFrame:
 
     is_system = pc.equal(roles, "system").to_numpy(zero_copy_only=False)
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(contents)), 0).to_numpy(zero_copy_only=False)
+    # last role as a categorical: a million Python strings would cost ~60 MB per million rows
     last_index = np.where(lengths > 0, offsets[1:] - offsets[0] - 1, 0)
-    last_role = np.asarray(roles.take(pa.array(last_index)).to_pylist() if len(flat) else [""] * n, dtype=object)
-    last_role[lengths == 0] = ""
+    role_codes = pc.index_in(roles, value_set=pa.array(ROLES)).fill_null(len(ROLES)).to_numpy(zero_copy_only=False)
+    last_code = np.where(lengths > 0, role_codes[last_index] if len(flat) else len(ROLES), len(ROLES) + 1)
+    last_role = pd.Categorical.from_codes(last_code, categories=[*ROLES, "unknown", "none"])
     return pd.DataFrame(
         {
-            "id": rows.column("id").to_numpy(zero_copy_only=False),
             "n_messages": lengths.astype(np.int64),
             "n_user": per_row(pc.equal(roles, "user").to_numpy(zero_copy_only=False)),
             "n_assistant": per_row(pc.equal(roles, "assistant").to_numpy(zero_copy_only=False)),
@@ -233,6 +234,7 @@ def validate_rows(staged_paths: list[str], config: IngestConfig, staging_dir: Pa
         chunk = features.iloc[start : start + GX_RUN_ROWS].reset_index(drop=True)
         failing |= {start + i: r for i, r in validator.failing_rows(chunk, config.max_chars).items()}
     del features
+    failing_at = sorted(failing)
 
     out = ValidatedDrop(0, 0, str(staging_dir / "validated.arrow"), str(staging_dir / "quarantine_validate.arrow"))
     offset = 0
@@ -241,7 +243,8 @@ def validate_rows(staged_paths: list[str], config: IngestConfig, staging_dir: Pa
         staging.open_writer(out.quarantine_path, QUARANTINE_SCHEMA) as quarantine_writer,
     ):
         for batch in staging.iter_batches(*staged_paths):
-            in_batch = {i - offset: failing[i] for i in range(offset, offset + batch.num_rows) if i in failing}
+            in_batch = {i - offset: failing[i] for i in failing_at[bisect_left(failing_at, offset):
+                                                                bisect_left(failing_at, offset + batch.num_rows)]}
             accepted, quarantined = split_rows(pa.Table.from_batches([batch]), in_batch, validator.contract)
             offset += batch.num_rows
             accepted_writer.write_table(accepted)
