@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 
 SAMPLE_DROPS = Path(__file__).resolve().parent.parent / "data" / "drops"
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "flows" / "configs" / "tiny_cpu.yaml"
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object on stdout.")]
 
@@ -131,6 +132,56 @@ def _pydantic_message(exc: Exception) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors) or str(exc)
 
 
+config_app = typer.Typer(help="Run configs: check them before a run.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("validate")
+def config_validate(
+    file: Annotated[Path, typer.Argument(help="A run config YAML (e.g. flows/configs/tiny_cpu.yaml).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted key=value overrides.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate a run config (with overrides) and report every error at once."""
+    from schemas.config import config_hash, load_run_config
+
+    try:
+        config = load_run_config(file, overrides or [])
+    except SftflowError as exc:
+        _fail(exc)
+    resolved = config.model_dump(mode="json")
+    _emit({"valid": True, "config_hash": config_hash(config), "config": resolved}, as_json,
+          f"{file}: valid (config hash {config_hash(config)})")
+
+
+@app.command()
+def train(
+    config_file: Annotated[Path, typer.Option("--config", help="Run config YAML, e.g. flows/configs/tiny_cpu.yaml.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted key=value overrides, e.g. train.max_steps=20.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset version (default: the current one).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fine-tune a LoRA adapter on a dataset version (flow train_adapter; training runs in a subprocess)."""
+    from schemas.config import load_run_config
+
+    try:
+        config = load_run_config(config_file, overrides or [])
+        with _flow_session():
+            from flows.train import train_adapter
+
+            summary = train_adapter(config=config, dataset_version=dataset)
+    except SftflowError as exc:
+        _fail(exc)
+    human = (
+        f"run {summary['run_id']} ({summary['engine']} engine, dataset {summary['dataset_version']})\n"
+        f"  loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} over {summary['global_step']} steps, "
+        f"{summary['trained_tokens']} trained tokens at {summary['tokens_per_s']} tokens/s, "
+        f"peak memory {summary['peak_mem_gib']:.2f} GiB\n"
+        f"  adapter: {summary['adapter_dir']}"
+    )
+    _emit(summary, as_json, human)
+
+
 @app.command()
 def datasets(as_json: JsonOption = False) -> None:
     """List the dataset versions in the workspace, newest first, and which one is current."""
@@ -159,15 +210,21 @@ def datasets(as_json: JsonOption = False) -> None:
 
 @app.command()
 def demo(as_json: JsonOption = False) -> None:
-    """Run the pipeline on the bundled sample drops (data/drops) with no server."""
+    """Run the pipeline on the bundled sample drops with the tiny local model and no server:
+    ingest every drop in data/drops, then fine-tune a LoRA adapter (flows/configs/tiny_cpu.yaml)."""
+    from schemas.config import load_run_config
+
     drops = sorted(p for p in SAMPLE_DROPS.iterdir() if p.is_dir())
     results = []
     try:
+        config = load_run_config(DEMO_CONFIG)
         with _flow_session():
             from flows.ingest import ingest_drop
+            from flows.train import train_adapter
 
             for drop in drops:
                 results.append(ingest_drop(paths=[str(drop)], drop_id=f"sample-{drop.name}"))
+            training = train_adapter(config=config)
     except SftflowError as exc:
         _fail(exc)
     final = results[-1]
@@ -175,10 +232,14 @@ def demo(as_json: JsonOption = False) -> None:
         "drops": [{k: r.get(k) for k in INGEST_KEYS if k != "files"} for r in results],
         "dataset_version": final["dataset_version"],
         "dataset_rows": final["dataset_rows"],
+        "training": training,
         "workspace": str(Workspace.from_env().root),
     }
     human = "\n".join(_ingest_summary(r) for r in results) + (
-        f"\n\nworkspace: {summary['workspace']}\nnext: sftflow datasets   (list dataset versions)"
+        f"\n\ntraining run {training['run_id']} ({training['engine']} engine): loss {training['loss_first']:.3f} -> "
+        f"{training['loss_last']:.3f} in {training['global_step']} steps\n"
+        f"  adapter: {training['adapter_dir']}\n\nworkspace: {summary['workspace']}\n"
+        "next: sftflow datasets   (list dataset versions)"
     )
     _emit(summary, as_json, human)
 

@@ -4,7 +4,8 @@
       datasets/<version>/{train,eval}.parquet, manifest.json   immutable dataset versions
       datasets/CURRENT                                         name of the current version
       drops/<drop_id>/{report.json,quarantine.parquet,duplicates.parquet}
-      runs/ registry/ cache/                                   training, publishing, model caches
+      runs/<run_id>/                                           training runs (config, adapter, manifest)
+      registry/ cache/                                         published models; model caches ($SFTFLOW_CACHE)
       prefect/                                                 PREFECT_HOME (embedded SQLite API)
 """
 
@@ -45,7 +46,9 @@ class Workspace:
 
     @property
     def cache(self) -> Path:
-        return self.root / "cache"
+        """Model caches; SFTFLOW_CACHE shares one between workspaces."""
+        shared = os.environ.get("SFTFLOW_CACHE")
+        return Path(shared).absolute() if shared else self.root / "cache"
 
     @property
     def prefect_home(self) -> Path:

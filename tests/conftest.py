@@ -31,3 +31,22 @@ def shared_dataset(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not beside the checkout (CI provides ../shared)")
     return path
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One model cache (SFTFLOW_CACHE) for the session: the tiny model is built once (~1 minute)."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    os.environ["SFTFLOW_CACHE"] = str(cache)
+    from sftflow.workspace import Workspace
+    from tasks.base_model import tiny_model_dir
+
+    path = tiny_model_dir(Workspace(cache.parent / "unused"), log=lambda *_: None)
+    yield path
+    os.environ.pop("SFTFLOW_CACHE", None)
+
+
+@pytest.fixture
+def tiny_model(model_cache, monkeypatch):
+    monkeypatch.setenv("SFTFLOW_CACHE", str(model_cache.parent.parent))
+    return model_cache

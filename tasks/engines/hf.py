@@ -1,0 +1,92 @@
+"""The hf engine: transformers + peft (+ bitsandbytes 4-bit on CUDA). Runs on CPU for tests and the
+demo, and is the baseline the GPU benchmark compares against."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from schemas.config import RunConfig
+from sftflow.errors import ConfigError
+
+
+def torch_dtype(config: RunConfig, cuda: bool):
+    import torch
+
+    if config.model.dtype == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    return getattr(torch, config.model.dtype)
+
+
+def lora_config(config: RunConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        use_rslora=config.lora.use_rslora,
+        use_dora=config.lora.use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+class HFEngine:
+    name = "hf"
+
+    def load(self, model_path: str, config: RunConfig) -> tuple[Any, Any]:
+        import torch
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM
+
+        from tasks.tokenize import load_tokenizer
+
+        cuda = torch.cuda.is_available()
+        four_bit = cuda if config.model.load_in_4bit is None else config.model.load_in_4bit
+        if four_bit and not cuda:
+            raise ConfigError("model.load_in_4bit needs CUDA (bitsandbytes); set model.load_in_4bit=false on CPU")
+        dtype = torch_dtype(config, cuda)
+        kwargs: dict[str, Any] = {}
+        if four_bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        if cuda:
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=dtype,
+            attn_implementation=config.model.attn_implementation,
+            trust_remote_code=config.model.trust_remote_code,
+            revision=config.model.revision,
+            use_safetensors=True,
+            **kwargs,
+        )
+        if four_bit:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=config.train.gradient_checkpointing
+            )
+        model = get_peft_model(model, lora_config(config))
+        return model, load_tokenizer(model_path, config)
+
+    def sft_options(self, config: RunConfig) -> dict[str, Any]:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        dtype = torch_dtype(config, cuda)
+        return {
+            "bf16": cuda and dtype == torch.bfloat16,
+            "fp16": cuda and dtype == torch.float16,
+            "use_cpu": not cuda,
+            "gradient_checkpointing": config.train.gradient_checkpointing,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        }
+
+
+ENGINE = HFEngine()

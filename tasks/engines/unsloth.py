@@ -1,0 +1,53 @@
+"""The unsloth engine: FastLanguageModel 4-bit + get_peft_model, trained by trl's SFTTrainer. CUDA only.
+
+`import unsloth` comes first, before transformers/trl/peft, so that it can patch them.
+"""
+
+from __future__ import annotations
+
+import unsloth  # noqa: F401  (must precede transformers, trl and peft)
+
+from typing import Any
+
+from schemas.config import RunConfig
+
+
+class UnslothEngine:
+    name = "unsloth"
+
+    def load(self, model_path: str, config: RunConfig) -> tuple[Any, Any]:
+        from unsloth import FastLanguageModel
+
+        from tasks.engines.hf import torch_dtype
+        from tasks.tokenize import load_tokenizer
+
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=model_path,
+            max_seq_length=config.train.max_seq_length,
+            load_in_4bit=True if config.model.load_in_4bit is None else config.model.load_in_4bit,
+            dtype=None if config.model.dtype == "auto" else torch_dtype(config, cuda=True),
+            trust_remote_code=config.model.trust_remote_code,
+            revision=config.model.revision,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            use_rslora=config.lora.use_rslora,
+            use_gradient_checkpointing="unsloth" if config.train.gradient_checkpointing else False,
+            random_state=config.train.seed,
+            max_seq_length=config.train.max_seq_length,
+        )
+        # The rows were tokenized by the parent with the plain tokenizer; keep it for saving too.
+        return model, load_tokenizer(model_path, config)
+
+    def sft_options(self, config: RunConfig) -> dict[str, Any]:
+        import torch
+
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": not bf16, "gradient_checkpointing": False}
+
+
+ENGINE = UnslothEngine()

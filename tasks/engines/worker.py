@@ -1,0 +1,180 @@
+"""The training subprocess: `python -m tasks.engines.worker RUN_DIR/worker_spec.json`.
+
+Launched by the `train_model` task (never imported by it), so that GPU memory is released when it
+exits, a kill is survived (the retried task starts a new worker that resumes from the last
+checkpoint), and `accelerate launch` / `torchrun` can run it on several GPUs. It reads tokenized
+rows from the run directory and reports progress on stdout as JSON lines, one event per line:
+
+    {"event": "begin", "max_steps": 120, "resumed_from_step": 40}
+    {"event": "log", "step": 45, "loss": 1.23, "learning_rate": 1e-4, "epoch": 1.1, "trained_tokens": 51234}
+    {"event": "checkpoint", "step": 60}
+    {"event": "eval", "step": 60, "eval_loss": 1.4}
+    {"event": "end", "global_step": 120, "train_runtime": 33.1, "trained_tokens": ..., "peak_mem_gib": ...}
+
+Everything else (library logs, warnings) goes to stderr, which the task saves to worker.log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def emit(event: str, **fields) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def peak_memory_gib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+class CountingCollator:
+    """Wraps the collator to count the tokens that carry a label (the ones the model learns)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.trained_tokens = 0
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        self.trained_tokens += int((batch["labels"] != -100).sum())
+        return batch
+
+
+def sft_trainer_class():
+    """trl's SFTTrainer, or on machines without Triton (CPU builds of torch) a subclass whose loss the
+    model computes itself: trl 1.15 always scores tokens with a Triton kernel (its fused LM head)."""
+    from trl import SFTTrainer
+    from trl.trainer import utils as trl_utils
+
+    if trl_utils._ChunkedLogProbFunction is not None:
+        return SFTTrainer
+    from transformers import Trainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PlainLossSFTTrainer
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    from tasks.engines import load_engine
+
+    engine = load_engine(spec["engine"])  # first: unsloth patches transformers/trl on import
+
+    import datasets
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig
+
+    from schemas.config import RunConfig
+
+    config = RunConfig.model_validate(spec["config"])
+    run_dir = Path(spec["run_dir"])
+    checkpoints = run_dir / "checkpoints"
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    datasets.disable_progress_bars()
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+
+    model, tokenizer = engine.load(spec["model_path"], config)
+    train_rows = datasets.Dataset.from_parquet(str(run_dir / "tokenized" / "train.parquet")).remove_columns("id")
+    eval_rows = datasets.Dataset.from_parquet(str(run_dir / "tokenized" / "eval.parquet")).remove_columns("id")
+    t = config.train
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        report_to=t.report_to or "none",
+        max_length=t.max_seq_length,
+        packing=t.packing,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs or 1.0,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        **engine.sft_options(config),
+    )
+    trainer = sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows if len(eval_rows) else None,
+        processing_class=tokenizer,
+    )
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    session_start = time.monotonic()
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if is_main:
+                emit("begin", max_steps=state.max_steps, resumed_from_step=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not is_main or not logs:
+                return
+            if "loss" in logs:
+                emit("log", step=state.global_step, loss=logs["loss"], learning_rate=logs.get("learning_rate"),
+                     epoch=logs.get("epoch"), grad_norm=logs.get("grad_norm"), trained_tokens=counter.trained_tokens,
+                     elapsed_s=round(time.monotonic() - session_start, 3))
+            if "eval_loss" in logs:
+                emit("eval", step=state.global_step, eval_loss=logs["eval_loss"])
+
+        def on_save(self, args, state, control, **kwargs):
+            if is_main:
+                emit("checkpoint", step=state.global_step)
+
+    trainer.add_callback(Progress())
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    result = trainer.train(resume_from_checkpoint=last)
+    if not is_main:
+        return
+
+    # The adapter appears whole or not at all: written aside, then renamed into place.
+    final, tmp = run_dir / "adapter", run_dir / ".tmp-adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    emit(
+        "end",
+        global_step=trainer.state.global_step,
+        train_runtime=round(time.monotonic() - session_start, 3),
+        trained_tokens=counter.trained_tokens,
+        train_loss=result.training_loss,
+        peak_mem_gib=round(peak_memory_gib(), 3),
+        adapter_dir=str(final),
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,117 @@
+"""The `train_adapter` flow on CPU with the hf engine and the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.ingest import ingest_drop
+from flows.train import train_adapter
+from schemas.config import load_run_config
+from tasks.train import read_events
+from tests.conftest import ROOT, SAMPLE_DROPS
+
+CONFIG = ROOT / "flows" / "configs" / "tiny_cpu.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def dataset(workspace, tiny_model):
+    for name in ("arithmetic", "unit-conversions"):
+        report = ingest_drop(paths=[str(SAMPLE_DROPS / name)], drop_id=f"sample-{name}")
+    return report["dataset_version"]
+
+
+def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = load_run_config(CONFIG, ["train.max_steps=40", "train.save_steps=20", "train.logging_steps=2"])
+    summary = train_adapter(config=config)
+    assert summary["engine"] == "hf" and summary["dataset_version"] == dataset and summary["global_step"] == 40
+    assert summary["loss_last"] < 0.8 * summary["loss_first"]
+    assert summary["trained_tokens"] > 0 and summary["tokens_per_s"] > 0
+
+    adapter = load_file(os.path.join(summary["adapter_dir"], "adapter_model.safetensors"))
+    lora_b = [w for name, w in adapter.items() if "lora_B" in name]
+    assert lora_b and all(torch.count_nonzero(w) > 0 for w in lora_b)  # lora_B starts at zero
+
+    run_dir = workspace.runs / summary["run_id"]
+    base = AutoModelForCausalLM.from_pretrained(json.loads((run_dir / "worker_spec.json").read_text())["model_path"])
+    tuned = PeftModel.from_pretrained(base, summary["adapter_dir"])
+    ids = torch.tensor([[1, 4, 5, 6]])
+    with torch.no_grad():
+        with tuned.disable_adapter():
+            before = tuned(input_ids=ids).logits
+        after = tuned(input_ids=ids).logits
+    assert not torch.allclose(before, after)  # the adapter changes the model's predictions
+
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(summary["adapter_dir"])
+    assert "<|start_header_id|>" in saved.chat_template
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config_hash"] == summary["config_hash"] and manifest["dataset_version"] == dataset
+    assert manifest["seed"] == 42 and manifest["libraries"]["trl"] == "1.15.0"
+    assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert any((run_dir / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, dataset):
+    config = load_run_config(CONFIG, ["train.max_steps=36", "train.save_steps=6", "train.logging_steps=2"])
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(train_adapter(config=config, run_id="killed")))
+    runner.start()
+    run_dir = workspace.runs / "killed"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if any(e["event"] == "checkpoint" and e["step"] >= 12 for e in read_events(run_dir)):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("no checkpoint within 300 s")
+    os.kill(int((run_dir / "worker.pid").read_text()), signal.SIGKILL)
+    runner.join(600)
+
+    assert result["global_step"] == 36
+    begins = [e for e in read_events(run_dir) if e["event"] == "begin"]
+    assert len(begins) == 2 and begins[1]["resumed_from_step"] >= 12
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(run_dir.glob(".tmp-*"))
+
+
+def test_cli_train_json(workspace, dataset, tmp_path):
+    env = {**os.environ, "SFTFLOW_HOME": str(workspace.root), "PREFECT_HOME": str(tmp_path / "cli-prefect"),
+           "SFTFLOW_PROGRESS": "0"}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "sftflow", "train", "--config", str(CONFIG), "train.max_steps=6", "train.save_steps=6",
+         "--json"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert set(summary) >= {"run_id", "adapter_dir", "engine", "loss_first", "loss_last", "trained_tokens",
+                            "tokens_per_s", "peak_mem_gib", "dataset_version", "config_hash"}
+    assert summary["dataset_version"] == dataset and summary["global_step"] == 6
+
+
+def test_cli_config_errors_name_every_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {name: tiny}\ntrain: {learning_rate: -1, batch_size: 0, epoch: 3}\n")
+    done = subprocess.run([sys.executable, "-m", "sftflow", "config", "validate", str(bad), "lora.r=0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2
+    for field in ("train.learning_rate", "train.batch_size", "train.epoch: unknown field", "lora.r"):
+        assert field in done.stderr

@@ -1,0 +1,97 @@
+"""Rendering with the chat template, response-only labels, and every gate on a crafted bad example."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+
+from schemas.tables import CANONICAL_SCHEMA
+from tasks.tokenize import (
+    IGNORE,
+    GateError,
+    check_pad_masking,
+    end_of_turn_ids,
+    run_gates,
+    tokenize_conversation,
+)
+
+
+@pytest.fixture
+def tokenizer(tiny_model):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def rows(*conversations) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {"id": f"{i:064x}", "messages": [{"role": r, "content": c} for r, c in turns], "tools": None,
+             "source_drop": "d", "source_file": "f.jsonl", "source_row": i + 1, "source_format": "openai"}
+            for i, turns in enumerate(conversations)
+        ],
+        schema=CANONICAL_SCHEMA,
+    )
+
+
+def trained_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE])
+
+
+def test_labels_are_exactly_the_assistant_turns_with_their_end_of_turn(tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "tool", "content": '{"checked": true}'},
+        {"role": "user", "content": "And 4 + 4?"},
+        {"role": "assistant", "content": "8"},
+    ]
+    example = tokenize_conversation(tokenizer, messages, None, 512, end_of_turn_ids(tokenizer))
+    assert trained_text(tokenizer, example) == "5<|eot_id|>8<|eot_id|>"
+    assert example.turns_missing_eot == [] and not example.truncated
+    # labels equal input ids where trained: the model learns the tokens it sees
+    assert all(label in (IGNORE, token) for token, label in zip(example.input_ids, example.labels))
+    # the context (system, user, tool turns and assistant headers) is never trained
+    context = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label == IGNORE])
+    assert "Be brief." in context and '{"checked": true}' in context and "What is 2 + 3?" in context
+
+
+def test_gate_no_trainable_token_names_the_row(tokenizer):
+    bad = rows([("user", "hello"), ("assistant", "hi")], [("user", "only a question")])
+    with pytest.raises(GateError, match=r"1 example\(s\) have no trainable token.*f.jsonl row 2"):
+        run_gates(tokenizer, bad, 256, 0.5, "train")
+
+
+def test_gate_end_of_turn_not_learned(tokenizer):
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ 'assistant: ' }}{%- endif %}"
+    )
+    with pytest.raises(GateError, match=r"end-of-turn token is not a label.*f.jsonl row 1.*assistant turns \[1\]"):
+        run_gates(tokenizer, rows([("user", "q"), ("assistant", "a")]), 256, 0.5, "train")
+
+
+def test_gate_pad_masking_the_end_of_turn(tokenizer):
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    short = tokenize_conversation(tokenizer, messages, None, 64, end_of_turn_ids(tokenizer))
+    long = tokenize_conversation(tokenizer, messages * 3, None, 64, end_of_turn_ids(tokenizer))
+    check_pad_masking(tokenizer, [short, long], end_of_turn_ids(tokenizer))  # distinct pad: fine
+    tokenizer.pad_token = "<|eot_id|>"
+    # transformers' LM collator masks every pad id in the labels: with pad == eot the model never learns to stop
+    masking = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    def collate(examples):
+        return masking([{"input_ids": e["input_ids"]} for e in examples])
+
+    with pytest.raises(GateError, match="padding masks the end-of-turn token"):
+        check_pad_masking(tokenizer, [short, long], end_of_turn_ids(tokenizer), collate=collate)
+
+
+def test_gate_truncation_rate(tokenizer):
+    long = [("user", "word " * 200), ("assistant", "ok")]
+    table = rows(long, [("user", "q"), ("assistant", "a")])
+    with pytest.raises(GateError, match=r"1 of 2 rows \(50.0%\) are longer than train.max_seq_length=64"):
+        run_gates(tokenizer, table, 64, 0.1, "train")
+    tokenized, _, report = run_gates(tokenizer, table, 64, 0.6, "train")
+    assert report.truncated == 1 and report.truncation_rate == 0.5
+    assert tokenized.num_rows == 1 and report.dropped_no_labels == 1  # the truncated row lost its answer
