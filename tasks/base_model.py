@@ -114,7 +114,8 @@ def tiny_model_key() -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:12]
 
 
-def _train_tokenizer(corpus: list[str], out_dir: Path) -> None:
+def train_tokenizer(corpus: list[str], out_dir: Path, vocab_size: int = TINY_VOCAB) -> None:
+    """A SentencePiece BPE tokenizer with the Llama-3 special tokens and chat template, in `out_dir`."""
     import sentencepiece as spm
 
     corpus_file = out_dir / "corpus.txt"
@@ -122,7 +123,7 @@ def _train_tokenizer(corpus: list[str], out_dir: Path) -> None:
     spm.SentencePieceTrainer.train(
         input=str(corpus_file),
         model_prefix=str(out_dir / "tokenizer"),
-        vocab_size=TINY_VOCAB,
+        vocab_size=vocab_size,
         model_type="bpe",
         byte_fallback=True,  # any UTF-8 text encodes, no <unk>
         split_digits=True,  # numbers tokenize digit by digit: arithmetic stays learnable
@@ -181,7 +182,7 @@ def build_tiny_model(target: Path, log=print) -> Path:
     started = time.monotonic()
     with staged_dir(target) as tmp:
         general = _general_corpus(rng, 6000)
-        _train_tokenizer(_drop_texts() + general, tmp)
+        train_tokenizer(_drop_texts() + general, tmp)
         tokenizer = AutoTokenizer.from_pretrained(tmp)
         config = LlamaConfig(
             vocab_size=len(tokenizer),

@@ -38,7 +38,6 @@ class UnslothEngine:
             use_rslora=config.lora.use_rslora,
             use_gradient_checkpointing="unsloth" if config.train.gradient_checkpointing else False,
             random_state=config.train.seed,
-            max_seq_length=config.train.max_seq_length,
         )
         # The rows were tokenized by the parent with the plain tokenizer; keep it for saving too.
         return model, load_tokenizer(model_path, config)

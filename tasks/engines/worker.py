@@ -39,15 +39,19 @@ def peak_memory_gib() -> float:
 
 
 class CountingCollator:
-    """Wraps the collator to count the tokens that carry a label (the ones the model learns)."""
+    """Wraps the collator to count the tokens that carry a label (the ones the model learns) and the
+    tokens that are not padding (the ones the model computes on usefully)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.trained_tokens = 0
+        self.non_pad_tokens = 0
 
     def __call__(self, examples):
         batch = self.inner(examples)
         self.trained_tokens += int((batch["labels"] != -100).sum())
+        mask = batch.get("attention_mask")
+        self.non_pad_tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         return batch
 
 
@@ -170,6 +174,7 @@ def main(spec_path: str) -> None:
         global_step=trainer.state.global_step,
         train_runtime=round(time.monotonic() - session_start, 3),
         trained_tokens=counter.trained_tokens,
+        non_pad_tokens=counter.non_pad_tokens,
         train_loss=result.training_loss,
         peak_mem_gib=round(peak_memory_gib(), 3),
         adapter_dir=str(final),

@@ -1,0 +1,379 @@
+"""GPU training throughput: sftflow's training path against the usual recipes, on one H200.
+
+Run on the GPU machine (see ../shared/gpu/README.md), from the project root:
+
+    source .gpu/on-device.sh
+    python bench/train_gpu.py --shape 1b --data .gpu/alpaca_en_demo.json --out $OUT
+    python bench/train_gpu.py --shape 8b --recipes sftflow-unsloth-packed,dense --steps 20 ...
+
+No weights can be downloaded there, so it builds a random-weight Llama of the real shape on the GPU
+(throughput and memory do not depend on the weights' values) and a SentencePiece tokenizer (8k
+vocabulary, Llama-3 chat template) trained on the data file. The data is the Alpaca demo file,
+repeated `--repeat` times, tokenized once with sftflow's own code (chat template, response-only
+labels) and given to every recipe, so they all see the same tokens:
+
+- sftflow-unsloth-packed / sftflow-hf-packed: the project's worker (`tasks.engines.worker`), packing on;
+- sftflow-unsloth-unpacked: the same, packing off (its loss is the reference for the packed run);
+- ref-hf-padded: plain transformers + peft + bitsandbytes 4-bit + trl SFTTrainer, batch 8, padded;
+- ref-unsloth-notebook: Unsloth's notebook recipe (FastLanguageModel + SFTTrainer, batch 8, no packing);
+- dense: the ceiling, random tokens at seq 2048 x batch 4 (no padding, no masking), Unsloth model;
+- packing-parity: the loss of the same rows packed into one sequence and run one by one.
+
+Each recipe runs in its own process (peak memory is per recipe) and prints one JSON line:
+{"bench": "train_gpu", "shape", "recipe", "trained_tokens_per_s", "non_pad_tokens_per_s",
+"peak_gib", "loss_first", "loss_last", "steps", ...}; all lines also go to OUT/train_gpu_<shape>.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+ALL_RECIPES = ["sftflow-unsloth-packed", "sftflow-unsloth-unpacked", "ref-unsloth-notebook", "ref-hf-padded",
+               "sftflow-hf-packed", "dense", "packing-parity"]
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def build_model(shape: str, work: Path, data: Path) -> Path:
+    """Random-weight Llama of the given shape + tokenizer, saved under work/<shape>."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.base_model import train_tokenizer
+
+    target = work / f"llama-{shape}"
+    if (target / "config.json").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(data.read_text())
+    corpus = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rows]
+    train_tokenizer(corpus, target, vocab_size=8192)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    del model
+    torch.cuda.empty_cache()
+    return target
+
+
+def build_tokenized(model_dir: Path, data: Path, repeat: int, work: Path) -> Path:
+    """The Alpaca rows x repeat, tokenized by sftflow (chat template, response-only labels)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from schemas.tables import CANONICAL_SCHEMA
+    from tasks.ingest import normalize_record
+    from tasks.tokenize import tokenize_table
+
+    out = work / f"tokenized-{model_dir.name}-x{repeat}"
+    if (out / "train.parquet").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = []
+    for copy in range(repeat):
+        for i, record in enumerate(json.loads(data.read_text())):
+            row = normalize_record(record, "alpaca")
+            rows.append({"id": f"{copy:02d}{row.id[2:]}", "messages": [{"role": r, "content": c} for r, c in row.messages],
+                         "tools": None, "source_drop": "bench", "source_file": str(data), "source_row": i + 1,
+                         "source_format": "alpaca"})
+    table, _, found = tokenize_table(tokenizer, pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA), 2048)
+    pq.write_table(table, out / "train.parquet")
+    pq.write_table(table.slice(0, 64), out / "eval.parquet")
+    lengths = [len(x) for x in table.column("input_ids").to_pylist()]
+    (out / "stats.json").write_text(json.dumps({"rows": table.num_rows, "mean_tokens": sum(lengths) / len(lengths),
+                                                "max_tokens": max(lengths), "truncated": found["truncated"]}))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- recipes
+
+
+def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, batch: int, steps: int,
+                work: Path, name: str) -> dict:
+    """The project's own training worker, exactly as the train task launches it."""
+    from schemas.config import RunConfig
+
+    run_dir = work / "runs" / name
+    (run_dir / "tokenized").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        target = run_dir / "tokenized" / f"{split}.parquet"
+        target.unlink(missing_ok=True)
+        target.symlink_to(tokenized / f"{split}.parquet")
+    config = RunConfig.model_validate({
+        "name": "bench",
+        "model": {"name": str(model_dir), "load_in_4bit": True, "dtype": "bfloat16"},
+        "lora": {"r": 16, "alpha": 16},
+        "train": {"engine": engine, "max_seq_length": 2048, "packing": packing, "batch_size": batch,
+                  "max_steps": steps, "learning_rate": 2e-4, "optim": "adamw_8bit", "logging_steps": 1,
+                  "save_steps": 100000, "report_to": [], "warmup_steps": 0},
+    })
+    spec = run_dir / "worker_spec.json"
+    spec.write_text(json.dumps({"run_dir": str(run_dir), "model_path": str(model_dir), "engine": engine,
+                                "config": config.model_dump(mode="json")}))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tasks.engines.worker", str(spec)], capture_output=True, text=True,
+                          cwd=ROOT)
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    end = next((e for e in events if e["event"] == "end"), None)
+    if proc.returncode != 0 or end is None:
+        raise RuntimeError(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    logs = [e for e in events if e["event"] == "log"]
+    # throughput over the steps after the first two (compilation and allocator warm-up)
+    first, last = logs[1], logs[-1]
+    window_s = last["elapsed_s"] - first["elapsed_s"]
+    window_tokens = last["trained_tokens"] - first["trained_tokens"]
+    return {
+        "trained_tokens_per_s": round(window_tokens / window_s, 1),
+        "trained_tokens_per_s_whole_run": round(end["trained_tokens"] / end["train_runtime"], 1),
+        "non_pad_tokens_per_s_whole_run": round(end["non_pad_tokens"] / end["train_runtime"], 1),
+        "trained_share_of_non_pad": round(end["trained_tokens"] / max(1, end["non_pad_tokens"]), 4),
+        "peak_gib": end["peak_mem_gib"],
+        "loss_first": logs[0]["loss"],
+        "loss_last": logs[-1]["loss"],
+        "loss_mean": round(sum(e["loss"] for e in logs) / len(logs), 4),
+        "steps": end["global_step"],
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+
+
+def _plain_trainer(model, tokenizer, tokenized: Path, batch: int, steps: int, work: Path, unsloth: bool):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from tasks.engines.worker import CountingCollator
+
+    rows = datasets.Dataset.from_parquet(str(tokenized / "train.parquet")).remove_columns("id")
+    args = SFTConfig(output_dir=str(work / "ref-out"), per_device_train_batch_size=batch, max_steps=steps,
+                     learning_rate=2e-4, optim="adamw_8bit", logging_steps=1, save_strategy="no", report_to="none",
+                     bf16=True, max_length=2048, packing=False, disable_tqdm=True, dataset_num_proc=None,
+                     gradient_checkpointing=not unsloth, seed=42)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    return trainer, counter
+
+
+def _timed_train(trainer, counter) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    marks = []
+
+    class Mark(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                torch.cuda.synchronize()
+                marks.append((time.monotonic(), counter.trained_tokens, counter.non_pad_tokens, logs["loss"]))
+
+    trainer.add_callback(Mark())
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    (t0, tr0, np0, _), (t1, tr1, np1, _) = marks[1], marks[-1]
+    return {
+        "trained_tokens_per_s": round((tr1 - tr0) / (t1 - t0), 1),
+        "non_pad_tokens_per_s": round((np1 - np0) / (t1 - t0), 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "loss_first": marks[0][3],
+        "loss_last": marks[-1][3],
+        "loss_mean": round(sum(m[3] for m in marks) / len(marks), 4),
+        "steps": len(marks),
+    }
+
+
+def run_ref_hf(model_dir: Path, tokenized: Path, steps: int, work: Path) -> dict:
+    """transformers + peft + bitsandbytes nf4 + trl SFTTrainer, batch 8, padded, sdpa, checkpointing."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    trainer, counter = _plain_trainer(model, tokenizer, tokenized, 8, steps, work, unsloth=False)
+    return _timed_train(trainer, counter)
+
+
+def run_ref_unsloth(model_dir: Path, tokenized: Path, steps: int, work: Path) -> dict:
+    """Unsloth's notebook recipe: FastLanguageModel 4-bit, get_peft_model, SFTTrainer batch 8, packing off."""
+    import unsloth  # noqa: F401
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=2048,
+                                                         load_in_4bit=True, dtype=None)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"],
+                                             use_gradient_checkpointing="unsloth", random_state=3407)
+    trainer, counter = _plain_trainer(model, tokenizer, tokenized, 8, steps, work, unsloth=True)
+    return _timed_train(trainer, counter)
+
+
+def run_dense(model_dir: Path, steps: int) -> dict:
+    """The ceiling: random tokens, seq 2048 x batch 4, every token trained, Unsloth QLoRA."""
+    import unsloth  # noqa: F401
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=2048, load_in_4bit=True,
+                                                 dtype=None)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"],
+                                             use_gradient_checkpointing="unsloth", random_state=3407)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    ids = torch.randint(0, 8192, (4, 2048), device="cuda")
+    losses, torch_start = [], None
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(steps):
+        if step == 3:
+            torch.cuda.synchronize()
+            torch_start = time.monotonic()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    torch.cuda.synchronize()
+    rate = 4 * 2048 * (steps - 3) / (time.monotonic() - torch_start)
+    return {"trained_tokens_per_s": round(rate, 1), "non_pad_tokens_per_s": round(rate, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "loss_first": losses[0],
+            "loss_last": losses[-1], "steps": steps}
+
+
+def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
+    """Loss of 8 rows packed into one sequence vs. the same rows one by one, through trl's collator.
+
+    Equal (to bf16 noise) means packed rows do not attend to each other."""
+    import unsloth  # noqa: F401
+    import pyarrow.parquet as pq
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=2048,
+                                                         load_in_4bit=True, dtype=None)
+    model.eval()
+    rows = pq.read_table(tokenized / "train.parquet").slice(0, 8).to_pylist()
+    examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    free = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    with torch.no_grad():
+        packed = {k: v.cuda() for k, v in free(examples).items()}
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits.float()
+        packed_loss = torch.nn.functional.cross_entropy(logits[0, :-1], packed["labels"][0, 1:], reduction="sum",
+                                                        ignore_index=-100).item()
+        single_loss = 0.0
+        for e in examples:
+            ids = torch.tensor([e["input_ids"]], device="cuda")
+            labels = torch.tensor([e["labels"]], device="cuda")
+            logits = model(input_ids=ids).logits.float()
+            single_loss += torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="sum",
+                                                             ignore_index=-100).item()
+    # the packed sequence also predicts each row's first token from the previous row's end: not a label
+    return {"packed_loss_sum": round(packed_loss, 4), "separate_loss_sum": round(single_loss, 4),
+            "relative_difference": round(abs(packed_loss - single_loss) / single_loss, 6)}
+
+
+def run_recipe(args) -> dict:
+    work, model_dir, tokenized = Path(args.work), Path(args.model_dir), Path(args.tokenized)
+    name = args.run_recipe
+    if name == "sftflow-unsloth-packed":
+        return run_sftflow(model_dir, tokenized, "unsloth", True, args.packed_batch, args.steps, work, name)
+    if name == "sftflow-hf-packed":
+        return run_sftflow(model_dir, tokenized, "hf", True, args.packed_batch, args.steps, work, name)
+    if name == "sftflow-unsloth-unpacked":
+        return run_sftflow(model_dir, tokenized, "unsloth", False, 8, args.steps, work, name)
+    if name == "ref-hf-padded":
+        return run_ref_hf(model_dir, tokenized, args.steps, work)
+    if name == "ref-unsloth-notebook":
+        return run_ref_unsloth(model_dir, tokenized, args.steps, work)
+    if name == "dense":
+        return run_dense(model_dir, min(args.steps, 20))
+    if name == "packing-parity":
+        return run_packing_parity(model_dir, tokenized)
+    raise SystemExit(f"unknown recipe {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json"))
+    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--packed-batch", type=int, default=8, help="packed sequences of 2048 tokens per step")
+    parser.add_argument("--recipes", default=",".join(ALL_RECIPES))
+    parser.add_argument("--work", default="/tmp/sftflow-bench")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--run-recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenized", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.run_recipe:  # child process: one recipe, one JSON line
+        result = run_recipe(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    model_dir = build_model(args.shape, work, Path(args.data))
+    tokenized = build_tokenized(model_dir, Path(args.data), args.repeat, work)
+    stats = json.loads((tokenized / "stats.json").read_text())
+    print(f"setup {time.monotonic() - t0:.0f}s: {stats}", file=sys.stderr, flush=True)
+    out = Path(args.out) / f"train_gpu_{args.shape}.jsonl"
+    for recipe in args.recipes.split(","):
+        started = time.monotonic()
+        line = {"bench": "train_gpu", "shape": args.shape, "recipe": recipe, "data": stats}
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--run-recipe", recipe, "--model-dir", str(model_dir), "--tokenized",
+                 str(tokenized), "--work", str(work), "--steps", str(args.steps), "--packed-batch",
+                 str(args.packed_batch)],
+                capture_output=True, text=True, cwd=ROOT, timeout=900,
+            )
+            result = next((json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if result is None:
+                line["error"] = (proc.stderr or proc.stdout)[-2500:]
+            else:
+                line.update(result)
+        except Exception:  # a recipe's failure must not cost the others' figures
+            line["error"] = traceback.format_exc()[-2500:]
+        line["recipe_wall_s"] = round(time.monotonic() - started, 1)
+        print(json.dumps(line), flush=True)
+        with open(out, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
