@@ -138,7 +138,8 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "tasks.engines.worker", str(spec)], capture_output=True, text=True,
                           cwd=ROOT)
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # only the worker's own event lines: with disable_tqdm the Trainer also prints its log dicts ({'loss': ...})
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"event"')]
     end = next((e for e in events if e["event"] == "end"), None)
     if proc.returncode != 0 or end is None:
         raise RuntimeError(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

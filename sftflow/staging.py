@@ -27,8 +27,11 @@ def iter_batches(*paths: Path | str) -> Iterator[pa.RecordBatch]:
 
 
 def read_columns(path: Path | str, columns: list[str]) -> pa.Table:
-    """Only the named columns of a staging file (the other columns are never held in memory)."""
+    """Only the named columns of a staging file: the other columns are never read."""
     with pa.OSFile(str(path)) as source:
-        reader = pa.ipc.open_file(source)
-        schema = pa.schema([reader.schema.field(c) for c in columns])
-        return pa.Table.from_batches([reader.get_batch(i).select(columns) for i in range(reader.num_record_batches)], schema)
+        schema = pa.ipc.open_file(source).schema
+        fields = [schema.get_field_index(c) for c in columns]
+        source.seek(0)
+        reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=fields))
+        table = pa.Table.from_batches([reader.get_batch(i) for i in range(reader.num_record_batches)], reader.schema)
+    return table.select(columns)

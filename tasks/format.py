@@ -48,35 +48,52 @@ def split_of(row_id: str, eval_ratio: float) -> str:
     return "eval" if eval_mask(pa.array([row_id]), eval_ratio)[0] else "train"
 
 
-def new_row_mask(drop_ids: pa.Array, dataset_ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Classify a drop's ids: (is new, duplicates an earlier row of the same drop).
+def id_view(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A zero-copy numpy view (dtype S64) of an Arrow array of 64-character hex ids.
 
-    A row is new when its id is neither in the dataset nor earlier in the drop; a row that is not
-    new and not a within-drop repeat duplicates a dataset row.
-    """
-    n = len(drop_ids)
-    in_dataset = pc.is_in(drop_ids, value_set=dataset_ids).to_numpy(zero_copy_only=False) if len(dataset_ids) else np.zeros(n, bool)
-    positions = pa.array(np.arange(n, dtype=np.int64))
-    first = pa.table({"id": drop_ids, "pos": positions}).group_by("id", use_threads=False).aggregate([("pos", "min")])
-    is_first = np.zeros(n, dtype=bool)
-    is_first[first.column("pos_min").to_numpy()] = True
+    Sorting and searching fixed-width bytes needs no hash table and no Python strings, which keeps
+    a million-row drop's dedup within a few dozen MB."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    ids = ids.cast(pa.string())
+    if len(ids) == 0:
+        return np.empty(0, dtype="S64")
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32, count=len(ids) + 1, offset=4 * ids.offset)
+    if ids.null_count or not (np.diff(offsets) == 64).all():
+        raise ValueError("row ids must be 64-character sha256 hex digests")
+    return np.frombuffer(ids.buffers()[2], dtype="S64", count=len(ids), offset=int(offsets[0]))
+
+
+def sorted_ids(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.sort(id_view(ids))
+
+
+def new_row_mask(drop_ids: pa.Array, dataset_ids: pa.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Classify a drop's ids: (is new, repeats an earlier row of the same drop).
+
+    A row is new when its id is neither in the dataset nor earlier in the drop; a row that is
+    neither new nor a within-drop repeat duplicates a dataset row."""
+    ids = id_view(drop_ids)
+    known = dataset_ids if isinstance(dataset_ids, np.ndarray) else sorted_ids(dataset_ids)
+    if len(known):
+        at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        in_dataset = known[at] == ids
+    else:
+        in_dataset = np.zeros(len(ids), dtype=bool)
+    is_first = np.zeros(len(ids), dtype=bool)
+    is_first[np.unique(ids, return_index=True)[1]] = True
     return is_first & ~in_dataset, ~is_first & ~in_dataset
 
 
-def content_hash(ids: pa.Array, eval_ratio: float) -> str:
-    """Hash of a dataset's content: schema version, split ratio and the sorted row ids."""
-    ids = ids.cast(pa.string())
-    ordered = pc.take(ids, pc.sort_indices(ids))
-    if isinstance(ordered, pa.ChunkedArray):
-        ordered = ordered.combine_chunks()
+def hash_sorted_ids(ordered: np.ndarray, eval_ratio: float) -> str:
+    """Hash of a dataset's content: schema version, split ratio and its ids in sorted order."""
     digest = hashlib.sha256(f"{CANONICAL_SCHEMA_VERSION}\n{eval_ratio!r}\n".encode())
-    if len(ordered):
-        offsets = ordered.buffers()[1]
-        data = ordered.buffers()[2]
-        # ids are fixed-width hex: the value buffer, from the first offset, is the ids back to back
-        start = np.frombuffer(offsets, dtype=np.int32)[ordered.offset]
-        digest.update(memoryview(data)[start : start + 64 * len(ordered)])
+    digest.update(np.ascontiguousarray(ordered).view(np.uint8))
     return digest.hexdigest()
+
+
+def content_hash(ids: pa.Array, eval_ratio: float) -> str:
+    return hash_sorted_ids(sorted_ids(ids), eval_ratio)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +250,8 @@ def write_dataset_version(
                 f"{parent.name}: changing it would move rows between train and eval; keep "
                 f"--eval-ratio {parent_manifest['eval_ratio']} or start a new workspace (SFTFLOW_HOME)"
             )
-        dataset_ids = parent.ids() if parent else pa.array([], pa.string())
-        drop_ids = staging.read_columns(validated_path, ["id"]).column("id").combine_chunks().cast(pa.string())
+        dataset_ids = sorted_ids(parent.ids()) if parent else np.empty(0, dtype="S64")
+        drop_ids = staging.read_columns(validated_path, ["id"]).column("id").combine_chunks()
         keep, repeat_in_drop = new_row_mask(drop_ids, dataset_ids)
 
         duplicates_path = staging_dir / "duplicates.parquet"
@@ -248,8 +265,10 @@ def write_dataset_version(
             logger.info("no new rows: dataset %s unchanged", name)
             return FormatResult(0, duplicates, str(duplicates_path), name, False, rows)
 
-        all_ids = pa.concat_arrays([dataset_ids, drop_ids.filter(pa.array(keep))])
-        digest = content_hash(all_ids, config.eval_ratio)
+        all_ids = np.concatenate([dataset_ids, id_view(drop_ids)[keep]])
+        all_ids.sort()
+        digest = hash_sorted_ids(all_ids, config.eval_ratio)
+        del all_ids
         target = datasets / f"{VERSION_PREFIX}{digest[:16]}"
         if not (target / "manifest.json").exists():
             manifest = {
