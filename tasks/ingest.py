@@ -791,8 +791,12 @@ def _parallel_map(fn, *args_lists) -> list:
     workers = min(len(args_lists[0]), os.cpu_count() or 1)
     if workers < 2 or "fork" not in mp.get_all_start_methods():
         return list(map(fn, *args_lists))
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-        return list(pool.map(fn, *args_lists))
+    gc.freeze()  # keep the children's collector off the parent's pages (copy-on-write)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            return list(pool.map(fn, *args_lists))
+    finally:
+        gc.unfreeze()
 
 
 @task(cache_policy=NO_CACHE)
