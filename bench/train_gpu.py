@@ -138,12 +138,23 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "tasks.engines.worker", str(spec)], capture_output=True, text=True,
                           cwd=ROOT)
-    # only the worker's own event lines: with disable_tqdm the Trainer also prints its log dicts ({'loss': ...})
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"event"')]
+    # only the worker's own event objects: with disable_tqdm the Trainer also prints its log dicts
+    # ({'loss': ...}), and other output may share a line with an event, so look for them anywhere in a line
+    events, decoder = [], json.JSONDecoder()
+    for line in proc.stdout.splitlines():
+        at = line.find('{"event"')
+        if at >= 0:
+            try:
+                events.append(decoder.raw_decode(line, at)[0])
+            except ValueError:
+                pass
     end = next((e for e in events if e["event"] == "end"), None)
     if proc.returncode != 0 or end is None:
         raise RuntimeError(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     logs = [e for e in events if e["event"] == "log"]
+    if len(logs) < 2:
+        raise RuntimeError(f"worker logged {len(logs)} steps; end={end}\nstdout tail:\n{proc.stdout[-1500:]}"
+                           f"\nstderr tail:\n{proc.stderr[-1500:]}")
     # throughput over the steps after the first two (compilation and allocator warm-up)
     first, last = logs[1], logs[-1]
     window_s = last["elapsed_s"] - first["elapsed_s"]
