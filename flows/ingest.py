@@ -45,7 +45,7 @@ def find_ingested(workspace: Workspace, drop_id: str, fingerprint: str) -> dict 
     return previous
 
 
-@flow(name="ingest_drop", log_prints=True)
+@flow(name="ingest_drop")
 def ingest_drop(paths: list[str], drop_id: str | None = None, config: IngestConfig | None = None) -> dict:
     """Read, validate and format one drop; returns the drop report (also at drops/<id>/report.json)."""
     logger = get_run_logger()

@@ -8,7 +8,6 @@ fix; a drop rejected by its contract exits with status 1 (its report is still pr
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -242,8 +241,3 @@ def demo(as_json: JsonOption = False) -> None:
         "next: sftflow datasets   (list dataset versions)"
     )
     _emit(summary, as_json, human)
-
-
-def main() -> None:  # pragma: no cover - console entry point alias
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()

@@ -506,10 +506,7 @@ def _role(raw_role: Any) -> str:
 
 
 def _alpaca(record: dict, problems: _Problems) -> tuple[list[Message], Any]:
-    messages: list[Message] = []
-    system = _text(record, "system", problems, required=False)
-    if system:
-        messages.append(("system", system))
+    messages = _system(record, problems)
     history = _maybe_json(record.get("history"))
     if history not in (None, "", []):
         if not isinstance(history, list) or not all(
@@ -530,71 +527,57 @@ def _alpaca(record: dict, problems: _Problems) -> tuple[list[Message], Any]:
     return messages, record.get("tools")
 
 
-def _sharegpt(record: dict, problems: _Problems) -> tuple[list[Message], Any]:
+def _turns(record: dict, field: str, role_key: str, content_key: str, problems: _Problems) -> list[Message]:
+    """A list of turns: ShareGPT's {from, value} or OpenAI's {role, content} (each accepts the other)."""
     messages: list[Message] = []
-    system = _text(record, "system", problems, required=False)
-    if system:
-        messages.append(("system", system))
-    turns = _maybe_json(record.get("conversations"))
+    turns = _maybe_json(record.get(field))
     if not isinstance(turns, list):
         kind = "missing" if turns is None else type(turns).__name__
-        problems.add("wrong_type:conversations", f"field 'conversations' is {kind}, expected a list of {{from, value}} turns")
-        return messages, record.get("tools")
+        problems.add(f"wrong_type:{field}", f"field {field!r} is {kind}, expected a list of {{{role_key}, {content_key}}} turns")
+        return messages
     for i, turn in enumerate(turns):
+        where = f"{field}[{i}]"
         if not isinstance(turn, dict):
-            problems.add("wrong_type:conversations", f"conversations[{i}] is {type(turn).__name__}, expected an object")
+            problems.add(f"wrong_type:{field}", f"{where} is {type(turn).__name__}, expected an object")
             continue
-        role = turn.get("from", turn.get("role"))
-        content = turn.get("value", turn.get("content"))
+        role = turn.get(role_key, turn.get("role", turn.get("from")))
+        content = turn.get(content_key, turn.get("content", turn.get("value")))
         if role is None:
-            problems.add("missing_field:from", f"conversations[{i}] has no 'from'")
+            problems.add(f"missing_field:{role_key}", f"{where} has no {role_key!r}")
             continue
-        text = _content_text(content, f"conversations[{i}]", problems) if content is not None else None
-        if content is None:
-            problems.add("missing_field:value", f"conversations[{i}] has no 'value'")
-        if text is not None:
-            messages.append((_role(role), text))
-    return messages, record.get("tools")
-
-
-def _openai(record: dict, problems: _Problems) -> tuple[list[Message], Any]:
-    messages: list[Message] = []
-    turns = _maybe_json(record.get("messages"))
-    if not isinstance(turns, list):
-        kind = "missing" if turns is None else type(turns).__name__
-        problems.add("wrong_type:messages", f"field 'messages' is {kind}, expected a list of {{role, content}} messages")
-        return messages, record.get("tools")
-    for i, message in enumerate(turns):
-        if not isinstance(message, dict):
-            problems.add("wrong_type:messages", f"messages[{i}] is {type(message).__name__}, expected an object")
-            continue
-        if "role" not in message:
-            problems.add("missing_field:role", f"messages[{i}] has no 'role'")
-            continue
-        content = message.get("content")
-        calls = message.get("tool_calls") or message.get("function_call")
+        calls = turn.get("tool_calls") or turn.get("function_call")
         if content in (None, "") and calls:
             # An assistant turn that only calls tools: its content is the calls, as JSON.
             text = orjson.dumps(calls, option=orjson.OPT_SORT_KEYS).decode()
         elif content is None:
-            problems.add("missing_field:content", f"messages[{i}] has no 'content'")
+            problems.add(f"missing_field:{content_key}", f"{where} has no {content_key!r}")
             continue
         else:
-            text = _content_text(content, f"messages[{i}]", problems)
+            text = _content_text(content, where, problems)
         if text is not None:
-            messages.append((_role(message["role"]), text))
-    return messages, record.get("tools")
+            messages.append((_role(role), text))
+    return messages
+
+
+def _system(record: dict, problems: _Problems) -> list[Message]:
+    system = _text(record, "system", problems, required=False)
+    return [("system", system)] if system else []
+
+
+def _sharegpt(record: dict, problems: _Problems) -> tuple[list[Message], Any]:
+    return _system(record, problems) + _turns(record, "conversations", "from", "value", problems), record.get("tools")
+
+
+def _openai(record: dict, problems: _Problems) -> tuple[list[Message], Any]:
+    return _turns(record, "messages", "role", "content", problems), record.get("tools")
 
 
 def _prompt_completion(record: dict, problems: _Problems) -> tuple[list[Message], Any]:
-    messages: list[Message] = []
-    system = _text(record, "system", problems, required=False)
-    if system:
-        messages.append(("system", system))
+    messages = _system(record, problems)
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = _maybe_json(record.get(key))
         if isinstance(value, list):  # TRL's conversational prompt/completion: lists of messages
-            messages += _openai({"messages": value}, problems)[0]
+            messages += _turns({key: value}, key, "role", "content", problems)
         elif value is None:
             problems.add(f"missing_field:{key}", f"field {key!r} is missing; every record needs it")
         elif not isinstance(value, str):
