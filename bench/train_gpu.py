@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -119,6 +120,7 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
     from schemas.config import RunConfig
 
     run_dir = work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: a checkpoint left there would be resumed
     (run_dir / "tokenized").mkdir(parents=True, exist_ok=True)
     for split in ("train", "eval"):
         target = run_dir / "tokenized" / f"{split}.parquet"
@@ -138,16 +140,7 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "tasks.engines.worker", str(spec)], capture_output=True, text=True,
                           cwd=ROOT)
-    # only the worker's own event objects: with disable_tqdm the Trainer also prints its log dicts
-    # ({'loss': ...}), and other output may share a line with an event, so look for them anywhere in a line
-    events, decoder = [], json.JSONDecoder()
-    for line in proc.stdout.splitlines():
-        at = line.find('{"event"')
-        if at >= 0:
-            try:
-                events.append(decoder.raw_decode(line, at)[0])
-            except ValueError:
-                pass
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # the worker's stdout is events only
     end = next((e for e in events if e["event"] == "end"), None)
     if proc.returncode != 0 or end is None:
         raise RuntimeError(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -47,7 +47,7 @@ def train_adapter(config: RunConfig, dataset_version: str | None = None, run_id:
 
     tokenized = tokenize_dataset(str(dataset.root), model_path, config, run_dir)
     end = train_model(run_dir, model_path, config, engine)
-    manifest = record_run(run_dir, config, dataset.name, engine, tokenized, end)
+    manifest = record_run(run_dir, config, str(dataset.root), model_path, engine, tokenized, end)
     return {
         "run_id": run_id,
         "run_dir": str(run_dir),

@@ -137,6 +137,21 @@ class TrainConfig(StrictModel):
         return self
 
 
+class EvalConfig(StrictModel):
+    """Evaluation of base, candidate and champion on the held-out split, and the promotion gate."""
+
+    sample_size: int = Field(64, gt=0, description="Eval rows (a fixed, seeded sample) answered by greedy generation.")
+    seed: int = Field(0, description="Seed of the generation sample: the same rows for every model and run.")
+    max_new_tokens: int = Field(128, gt=0, description="Generation limit; answers cut here count as not stopped.")
+    batch_size: int = Field(16, gt=0, description="Rows per batch for loss scoring and generation.")
+    primary_metric: Literal["eval_loss", "exact_match", "rouge_l", "chrf"] = Field(
+        "rouge_l", description="The metric the promotion gate compares (eval_loss: lower is better)."
+    )
+    min_improvement: float = Field(
+        0.01, ge=0, description="Margin by which the candidate must beat the base and the champion on the primary metric."
+    )
+
+
 class RunConfig(StrictModel):
     """Everything a training run needs, validated before anything runs."""
 
@@ -147,6 +162,7 @@ class RunConfig(StrictModel):
     model: ModelConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

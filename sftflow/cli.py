@@ -182,6 +182,29 @@ def train(
 
 
 @app.command()
+def evaluate(
+    run: Annotated[str, typer.Option("--run", help="Run id (a directory under $SFTFLOW_HOME/runs).")],
+    as_json: JsonOption = False,
+) -> None:
+    """Score base, candidate and champion on the held-out split; decide promotion (flow evaluate_adapter)."""
+    try:
+        with _flow_session():
+            from flows.evaluate import evaluate_adapter
+
+            result = evaluate_adapter(run_id=run)
+    except SftflowError as exc:
+        _fail(exc)
+    metrics = ("eval_loss", "perplexity", "exact_match", "rouge_l", "chrf", "json_valid", "stop_rate")
+    rows = [f"  {'model':<10}" + "".join(f"{m:>12}" for m in metrics)]
+    for model, scores in result["scores"].items():
+        rows.append(f"  {model:<10}" + "".join(f"{'-' if scores[m] is None else scores[m]:>12}" for m in metrics))
+    decision = result["decision"]
+    human = "\n".join([f"run {run}: {'PROMOTE' if decision['promote'] else 'do not promote'}", *rows,
+                       f"  {decision['reason']}"])
+    _emit(result, as_json, human)
+
+
+@app.command()
 def datasets(as_json: JsonOption = False) -> None:
     """List the dataset versions in the workspace, newest first, and which one is current."""
     from tasks.format import DatasetVersion, current_version

@@ -168,7 +168,7 @@ def hardware() -> dict:
 
 
 @task(cache_policy=NO_CACHE)
-def record_run(run_dir: Path, config: RunConfig, dataset_version: str, engine: str, tokenized: dict,
+def record_run(run_dir: Path, config: RunConfig, dataset_dir: str, model_path: str, engine: str, tokenized: dict,
                end: dict) -> dict:
     """Write the reproducibility manifest and the loss curve; publish the curve as an artifact."""
     events = read_events(run_dir)
@@ -184,7 +184,9 @@ def record_run(run_dir: Path, config: RunConfig, dataset_version: str, engine: s
         "run_id": run_dir.name,
         "config": config.model_dump(mode="json"),
         "config_hash": config_hash(config),
-        "dataset_version": dataset_version,
+        "dataset_version": Path(dataset_dir).name,
+        "dataset_dir": dataset_dir,
+        "model_path": model_path,
         "seed": config.train.seed,
         "engine": engine,
         "libraries": library_versions(),

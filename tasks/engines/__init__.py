@@ -26,6 +26,9 @@ class Engine(Protocol):
     def sft_options(self, config: RunConfig) -> dict[str, Any]:
         """Extra trl SFTConfig keyword arguments this engine needs."""
 
+    def load_for_inference(self, model_path: str, adapter_dir: str | None, config: RunConfig) -> tuple[Any, Any]:
+        """(model in eval mode, with the adapter applied when given; tokenizer)."""
+
 
 def cuda_available() -> bool:
     import torch

@@ -35,12 +35,9 @@ def lora_config(config: RunConfig):
 class HFEngine:
     name = "hf"
 
-    def load(self, model_path: str, config: RunConfig) -> tuple[Any, Any]:
+    def _base(self, model_path: str, config: RunConfig):
         import torch
-        from peft import get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM
-
-        from tasks.tokenize import load_tokenizer
 
         cuda = torch.cuda.is_available()
         four_bit = cuda if config.model.load_in_4bit is None else config.model.load_in_4bit
@@ -68,11 +65,30 @@ class HFEngine:
             use_safetensors=True,
             **kwargs,
         )
+        return model, four_bit
+
+    def load(self, model_path: str, config: RunConfig) -> tuple[Any, Any]:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        from tasks.tokenize import load_tokenizer
+
+        model, four_bit = self._base(model_path, config)
         if four_bit:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=config.train.gradient_checkpointing
             )
         model = get_peft_model(model, lora_config(config))
+        return model, load_tokenizer(model_path, config)
+
+    def load_for_inference(self, model_path: str, adapter_dir: str | None, config: RunConfig) -> tuple[Any, Any]:
+        from peft import PeftModel
+
+        from tasks.tokenize import load_tokenizer
+
+        model, _ = self._base(model_path, config)
+        if adapter_dir:
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        model.eval()
         return model, load_tokenizer(model_path, config)
 
     def sft_options(self, config: RunConfig) -> dict[str, Any]:

@@ -42,6 +42,20 @@ class UnslothEngine:
         # The rows were tokenized by the parent with the plain tokenizer; keep it for saving too.
         return model, load_tokenizer(model_path, config)
 
+    def load_for_inference(self, model_path: str, adapter_dir: str | None, config: RunConfig) -> tuple[Any, Any]:
+        from unsloth import FastLanguageModel
+
+        from tasks.tokenize import load_tokenizer
+
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=adapter_dir or model_path,  # an adapter directory names its base model
+            max_seq_length=config.train.max_seq_length,
+            load_in_4bit=True if config.model.load_in_4bit is None else config.model.load_in_4bit,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        FastLanguageModel.for_inference(model)  # Unsloth's faster generation path
+        return model, load_tokenizer(model_path, config)
+
     def sft_options(self, config: RunConfig) -> dict[str, Any]:
         import torch
 

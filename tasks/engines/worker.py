@@ -25,9 +25,20 @@ import time
 from pathlib import Path
 
 
+_events = sys.stdout
+
+
+def claim_stdout() -> None:
+    """Keep stdout for events alone: anything else printed (by trl, Unsloth, C code) goes to stderr."""
+    global _events
+    _events = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
 def emit(event: str, **fields) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
-    sys.stdout.flush()
+    _events.write(json.dumps({"event": event, **fields}) + "\n")
+    _events.flush()
 
 
 def peak_memory_gib() -> float:
@@ -75,6 +86,7 @@ def sft_trainer_class():
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    claim_stdout()
     from tasks.engines import load_engine
 
     engine = load_engine(spec["engine"])  # first: unsloth patches transformers/trl on import
