@@ -232,8 +232,8 @@ def datasets(as_json: JsonOption = False) -> None:
 
 @app.command()
 def demo(as_json: JsonOption = False) -> None:
-    """Run the pipeline on the bundled sample drops with the tiny local model and no server:
-    ingest every drop in data/drops, then fine-tune a LoRA adapter (flows/configs/tiny_cpu.yaml)."""
+    """Run the pipeline on the bundled sample drops with the tiny local model and no server: ingest
+    every drop in data/drops, fine-tune a LoRA adapter (flows/configs/tiny_cpu.yaml), evaluate it."""
     from schemas.config import load_run_config
 
     drops = sorted(p for p in SAMPLE_DROPS.iterdir() if p.is_dir())
@@ -241,12 +241,14 @@ def demo(as_json: JsonOption = False) -> None:
     try:
         config = load_run_config(DEMO_CONFIG)
         with _flow_session():
+            from flows.evaluate import evaluate_adapter
             from flows.ingest import ingest_drop
             from flows.train import train_adapter
 
             for drop in drops:
                 results.append(ingest_drop(paths=[str(drop)], drop_id=f"sample-{drop.name}"))
             training = train_adapter(config=config)
+            evaluation = evaluate_adapter(run_id=training["run_id"])
     except SftflowError as exc:
         _fail(exc)
     final = results[-1]
@@ -255,12 +257,17 @@ def demo(as_json: JsonOption = False) -> None:
         "dataset_version": final["dataset_version"],
         "dataset_rows": final["dataset_rows"],
         "training": training,
+        "evaluation": {k: evaluation[k] for k in ("scores", "decision")},
         "workspace": str(Workspace.from_env().root),
     }
     human = "\n".join(_ingest_summary(r) for r in results) + (
         f"\n\ntraining run {training['run_id']} ({training['engine']} engine): loss {training['loss_first']:.3f} -> "
         f"{training['loss_last']:.3f} in {training['global_step']} steps\n"
-        f"  adapter: {training['adapter_dir']}\n\nworkspace: {summary['workspace']}\n"
+        f"  adapter: {training['adapter_dir']}\n"
+        + "".join(f"  {m:<9} eval loss {s['eval_loss']:.3f}  rouge-L {s['rouge_l']:.3f}  chrF {s['chrf']:.1f}\n"
+                  for m, s in evaluation["scores"].items())
+        + f"  decision: {'promote' if evaluation['decision']['promote'] else 'keep'} ({evaluation['decision']['reason']})\n"
+        f"\nworkspace: {summary['workspace']}\n"
         "next: sftflow datasets   (list dataset versions)"
     )
     _emit(summary, as_json, human)

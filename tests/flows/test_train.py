@@ -115,3 +115,30 @@ def test_cli_config_errors_name_every_field(tmp_path):
     assert done.returncode == 2
     for field in ("train.learning_rate", "train.batch_size", "train.epoch: unknown field", "lora.r"):
         assert field in done.stderr
+
+
+def test_evaluation_scores_base_and_candidate_and_decides(workspace, dataset):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.evaluate import evaluate_adapter
+
+    config = load_run_config(CONFIG, ["train.epochs=6", "eval.sample_size=16", "eval.max_new_tokens=24"])
+    run = train_adapter(config=config)
+    result = evaluate_adapter(run_id=run["run_id"])
+    base, candidate = result["scores"]["base"], result["scores"]["candidate"]
+    assert candidate["eval_loss"] < 0.6 * base["eval_loss"]  # clearly better on the held-out split
+    assert candidate["chrf"] > base["chrf"]
+    assert result["sample_size"] == 16 and "champion" not in result["scores"]
+    assert result["decision"]["primary_metric"] == "rouge_l" and result["decision"]["reason"]
+    saved = json.loads((workspace.runs / run["run_id"] / "eval.json").read_text())
+    assert saved["scores"] == result["scores"] and len(saved["answers"]["candidate"]) == 16
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation"])))
+
+    table = asyncio.run(artifacts())[0]
+    assert table.type == "table" and "candidate" in str(table.data)

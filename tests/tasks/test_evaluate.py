@@ -1,0 +1,87 @@
+"""Metrics, the promotion decision, and batched greedy generation."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.config import EvalConfig
+from tasks.evaluate import (
+    chrf,
+    decide,
+    exact_match,
+    generate,
+    generation_metrics,
+    is_json,
+    prompt_and_reference,
+    rouge_l,
+    sample_rows,
+)
+
+
+def test_text_metrics():
+    assert exact_match(" 42 ", "42") == 1.0 and exact_match("41", "42") == 0.0
+    assert rouge_l("the cat sat", "the cat sat") == 1.0 and rouge_l("dog", "the cat sat") == 0.0
+    assert chrf("3500 m", "3500 m") == 100.0 and 0 < chrf("3400 m", "3500 m") < 100
+    assert is_json('{"a": 1}') and not is_json("{oops") and not is_json("42")
+
+
+def test_generation_metrics_count_json_only_where_the_reference_is_json():
+    answers = [
+        {"prediction": '{"age": 3}', "reference": '{"age": 3}', "stopped": True},
+        {"prediction": "{broken", "reference": '{"age": 4}', "stopped": False},
+        {"prediction": "77", "reference": "77", "stopped": True},
+    ]
+    metrics = generation_metrics(answers)
+    assert metrics["exact_match"] == round(2 / 3, 4)
+    assert metrics["json_valid"] == 0.5 and metrics["stop_rate"] == round(2 / 3, 4)
+
+
+def test_sample_is_fixed_by_seed_and_independent_of_row_order():
+    rows = [{"id": f"{i:03d}"} for i in range(50)]
+    assert sample_rows(rows, 10, 0) == sample_rows(list(reversed(rows)), 10, 0)
+    assert sample_rows(rows, 10, 0) != sample_rows(rows, 10, 1)
+    assert len(sample_rows(rows, 100, 0)) == 50
+
+
+def test_prompt_is_everything_before_the_last_assistant_turn():
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    prompt, reference = prompt_and_reference(messages)
+    assert prompt == messages[:3] and reference == "d"
+
+
+@pytest.mark.parametrize(
+    "scores, promote, why",
+    [
+        ({"base": {"rouge_l": 0.1}, "candidate": {"rouge_l": 0.5}}, True, "beats the base (no champion yet)"),
+        ({"base": {"rouge_l": 0.1}, "candidate": {"rouge_l": 0.5}, "champion": {"rouge_l": 0.6}}, False,
+         "not higher than the champion's 0.6"),
+        ({"base": {"rouge_l": 0.5}, "candidate": {"rouge_l": 0.505}}, False, "not higher than the base's 0.5 by 0.01"),
+    ],
+)
+def test_decision(scores, promote, why):
+    decision = decide(scores, EvalConfig(primary_metric="rouge_l", min_improvement=0.01))
+    assert decision["promote"] is promote and why in decision["reason"]
+
+
+def test_decision_on_loss_wants_lower():
+    scores = {"base": {"eval_loss": 3.0}, "candidate": {"eval_loss": 2.0}, "champion": {"eval_loss": 2.5}}
+    assert decide(scores, EvalConfig(primary_metric="eval_loss", min_improvement=0.1))["promote"]
+    scores["champion"]["eval_loss"] = 1.95
+    assert not decide(scores, EvalConfig(primary_metric="eval_loss", min_improvement=0.1))["promote"]
+
+
+def test_batched_greedy_generation_equals_one_by_one(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.tokenize import end_of_turn_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    prompts = [[{"role": "user", "content": text}] for text in
+               ("What is 2 + 2?", "Convert the quantity to metres.\n3.5 km", "hi", "Extract the city as JSON: Ana lives in Porto.")]
+    eot = end_of_turn_ids(tokenizer)
+    batched = generate(model, tokenizer, prompts, 24, 4, eot)
+    single = [generate(model, tokenizer, [p], 24, 1, eot)[0] for p in prompts]
+    assert batched == single
+    assert tokenizer.pad_token_id not in eot  # left padding with a distinct pad token
