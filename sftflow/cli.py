@@ -205,6 +205,23 @@ def evaluate(
 
 
 @app.command()
+def publish(
+    run: Annotated[str, typer.Option("--run", help="Run id of an evaluated training run.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Publish an evaluated run to the registry; it becomes the champion if evaluation said promote."""
+    try:
+        with _flow_session():
+            from flows.publish import publish_model
+
+            result = publish_model(run_id=run)
+    except SftflowError as exc:
+        _fail(exc)
+    state = "champion" if result["promoted"] else f"not promoted (champion: {result['champion'] or 'none'})"
+    _emit(result, as_json, f"published {result['name']} {result['version']}: {state}\n  {result['path']}")
+
+
+@app.command()
 def datasets(as_json: JsonOption = False) -> None:
     """List the dataset versions in the workspace, newest first, and which one is current."""
     from tasks.format import DatasetVersion, current_version
@@ -233,7 +250,8 @@ def datasets(as_json: JsonOption = False) -> None:
 @app.command()
 def demo(as_json: JsonOption = False) -> None:
     """Run the pipeline on the bundled sample drops with the tiny local model and no server: ingest
-    every drop in data/drops, fine-tune a LoRA adapter (flows/configs/tiny_cpu.yaml), evaluate it."""
+    every drop in data/drops, fine-tune a LoRA adapter (flows/configs/tiny_cpu.yaml), evaluate it
+    against the base (and the champion), publish it to the registry."""
     from schemas.config import load_run_config
 
     drops = sorted(p for p in SAMPLE_DROPS.iterdir() if p.is_dir())
@@ -243,12 +261,14 @@ def demo(as_json: JsonOption = False) -> None:
         with _flow_session():
             from flows.evaluate import evaluate_adapter
             from flows.ingest import ingest_drop
+            from flows.publish import publish_model
             from flows.train import train_adapter
 
             for drop in drops:
                 results.append(ingest_drop(paths=[str(drop)], drop_id=f"sample-{drop.name}"))
             training = train_adapter(config=config)
             evaluation = evaluate_adapter(run_id=training["run_id"])
+            published = publish_model(run_id=training["run_id"])
     except SftflowError as exc:
         _fail(exc)
     final = results[-1]
@@ -258,6 +278,7 @@ def demo(as_json: JsonOption = False) -> None:
         "dataset_rows": final["dataset_rows"],
         "training": training,
         "evaluation": {k: evaluation[k] for k in ("scores", "decision")},
+        "published": published,
         "workspace": str(Workspace.from_env().root),
     }
     human = "\n".join(_ingest_summary(r) for r in results) + (
@@ -267,6 +288,8 @@ def demo(as_json: JsonOption = False) -> None:
         + "".join(f"  {m:<9} eval loss {s['eval_loss']:.3f}  rouge-L {s['rouge_l']:.3f}  chrF {s['chrf']:.1f}\n"
                   for m, s in evaluation["scores"].items())
         + f"  decision: {'promote' if evaluation['decision']['promote'] else 'keep'} ({evaluation['decision']['reason']})\n"
+        f"\npublished {published['name']} {published['version']} "
+        f"({'champion' if published['promoted'] else 'not promoted'}): {published['path']}\n"
         f"\nworkspace: {summary['workspace']}\n"
         "next: sftflow datasets   (list dataset versions)"
     )

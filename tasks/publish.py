@@ -1,13 +1,34 @@
 """Publish: the model registry and its champion pointer.
 
-    registry/<model-name>/<version>/{adapter/, eval.json, manifest.json, ...}
-    registry/<model-name>/CHAMPION      the version currently serving; replaced atomically
+    registry/<model-name>/<version>/adapter/        the LoRA adapter (PEFT), tokenizer, chat template
+    registry/<model-name>/<version>/eval.json       base / candidate / champion scores and the decision
+    registry/<model-name>/<version>/run_manifest.json   the training run's reproducibility record
+    registry/<model-name>/<version>/README.md       the model card
+    registry/<model-name>/<version>/manifest.json   sha256 and size of every file above (written last)
+    registry/<model-name>/CHAMPION                  the version in service; replaced atomically
+
+A version directory is written under a temporary name and renamed into place, so a reader sees a
+whole version or none. The champion pointer moves only when the evaluation said promote.
 """
 
 from __future__ import annotations
 
-from sftflow.atomic import read_json
+import hashlib
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact
+from prefect.cache_policies import NO_CACHE
+
+from sftflow.atomic import exclusive_lock, read_json, remove_stale_tmp, staged_dir, write_bytes_atomic, write_json_atomic
+from sftflow.errors import SftflowError
 from sftflow.workspace import Workspace
+
+
+class PublishError(SftflowError):
+    """The run cannot be published as asked (not evaluated, or already published)."""
 
 
 def champion_of(workspace: Workspace, name: str) -> dict | None:
@@ -16,5 +37,106 @@ def champion_of(workspace: Workspace, name: str) -> dict | None:
     if not pointer.exists():
         return None
     version_dir = workspace.registry / name / pointer.read_text().strip()
-    manifest = read_json(version_dir / "manifest.json")
-    return {"version": version_dir.name, "model_path": manifest["model_path"], "adapter_dir": str(version_dir / "adapter")}
+    run = read_json(version_dir / "run_manifest.json")
+    return {"version": version_dir.name, "model_path": run["model_path"], "adapter_dir": str(version_dir / "adapter")}
+
+
+def file_manifest(root: Path) -> dict[str, dict]:
+    """sha256 and size of every file under root, by relative path."""
+    entries = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        entries[str(path.relative_to(root))] = {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+    return entries
+
+
+def verify_version(version_dir: Path) -> list[str]:
+    """Files whose content does not match manifest.json (missing, changed or unlisted); [] when intact."""
+    listed = read_json(version_dir / "manifest.json")["files"]
+    actual = file_manifest(version_dir)
+    actual.pop("manifest.json", None)
+    return sorted(p for p in set(listed) | set(actual) if listed.get(p) != actual.get(p))
+
+
+def model_card(name: str, version: str, run: dict, evaluation: dict) -> str:
+    scores = evaluation["scores"]
+    metrics = ("eval_loss", "perplexity", "exact_match", "rouge_l", "chrf", "json_valid", "stop_rate")
+    table = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for model, s in scores.items():
+        table.append(f"| {model} | " + " | ".join("-" if s.get(m) is None else str(s[m]) for m in metrics) + " |")
+    config = run["config"]
+    drops = ", ".join(d["drop_id"] for d in read_json(Path(run["dataset_dir"]) / "manifest.json")["drops"])
+    return f"""# {name} {version}
+
+A LoRA adapter for `{config['model']['name']}` fine-tuned by sftflow.
+
+- Base model: `{config['model']['name']}` (loaded from `{run['model_path']}`)
+- Dataset version: `{run['dataset_version']}` (drops: {drops})
+- Training run: `{run['run_id']}`, {run['engine']} engine, {run['global_step']} steps, config hash `{run['config_hash']}`
+- LoRA: r={config['lora']['r']}, alpha={config['lora']['alpha']}, targets {config['lora']['target_modules']}
+- Throughput: {run['tokens_per_s']} trained tokens/s, peak memory {run['peak_mem_gib']} GiB ({run['hardware'].get('gpus') or 'CPU'})
+
+## Evaluation (held-out split)
+
+{chr(10).join(table)}
+
+Decision: **{'promoted to champion' if evaluation['decision']['promote'] else 'not promoted'}** — {evaluation['decision']['reason']}.
+
+## Use it
+
+With transformers + peft:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base = AutoModelForCausalLM.from_pretrained("{run['model_path']}")
+model = PeftModel.from_pretrained(base, "adapter")
+tokenizer = AutoTokenizer.from_pretrained("adapter")
+```
+
+The full training config is in `run_manifest.json`; `manifest.json` lists the sha256 of every file.
+"""
+
+
+@task(cache_policy=NO_CACHE)
+def publish_run(run_dir: Path, workspace: Workspace) -> dict:
+    """Write a registry version for an evaluated run; move the champion pointer if it was promoted."""
+    logger = get_run_logger()
+    if not (run_dir / "eval.json").exists():
+        raise PublishError(f"run {run_dir.name} has no eval.json; evaluate it first: sftflow evaluate --run {run_dir.name}")
+    run = read_json(run_dir / "manifest.json")
+    evaluation = read_json(run_dir / "eval.json")
+    name = run["config"]["name"]
+    model_root = workspace.registry / name
+    model_root.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(model_root / ".lock"):
+        remove_stale_tmp(model_root)
+        published = [read_json(p)["run_id"] for p in model_root.glob("v*/manifest.json")]
+        if run["run_id"] in published:
+            raise PublishError(f"run {run['run_id']} is already published under {model_root}")
+        version = f"v{len(list(model_root.glob('v*/manifest.json'))) + 1:04d}"
+        target = model_root / version
+        with staged_dir(target) as tmp:
+            shutil.copytree(run["adapter_dir"], tmp / "adapter")
+            shutil.copyfile(run_dir / "eval.json", tmp / "eval.json")
+            shutil.copyfile(run_dir / "manifest.json", tmp / "run_manifest.json")
+            (tmp / "README.md").write_text(model_card(name, version, run, evaluation))
+            write_json_atomic(tmp / "manifest.json", {
+                "name": name, "version": version, "run_id": run["run_id"],
+                "dataset_version": run["dataset_version"], "promoted": evaluation["decision"]["promote"],
+                "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "files": file_manifest(tmp),
+            })
+        champion = champion_of(workspace, name)
+        if evaluation["decision"]["promote"]:
+            write_bytes_atomic(model_root / "CHAMPION", f"{version}\n".encode())
+            champion = {"version": version}
+    logger.info("published %s/%s (%s)", name, version, "champion" if champion and champion["version"] == version else
+                "not promoted")
+    create_link_artifact(key="published-model", link=target.as_uri(), link_text=f"{name} {version}",
+                         description=f"Registry version of run {run['run_id']}")
+    return {"name": name, "version": version, "path": str(target), "promoted": evaluation["decision"]["promote"],
+            "champion": champion["version"] if champion else None}

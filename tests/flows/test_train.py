@@ -142,3 +142,48 @@ def test_evaluation_scores_base_and_candidate_and_decides(workspace, dataset):
 
     table = asyncio.run(artifacts())[0]
     assert table.type == "table" and "candidate" in str(table.data)
+
+
+def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promotion(workspace, dataset, monkeypatch):
+    from flows.evaluate import evaluate_adapter
+    from flows.publish import publish_model
+    from tasks import publish as publish_task
+    from tasks.publish import champion_of, verify_version
+
+    config = load_run_config(CONFIG, ["train.max_steps=30", "eval.sample_size=8", "eval.max_new_tokens=16",
+                                      "eval.primary_metric=eval_loss", "eval.min_improvement=0.5"])
+    first = train_adapter(config=config)
+    assert evaluate_adapter(run_id=first["run_id"])["decision"]["promote"]
+    v1 = publish_model(run_id=first["run_id"])
+    assert v1["promoted"] and v1["champion"] == v1["version"] == "v0001"
+    root = workspace.registry / config.name
+    assert verify_version(root / "v0001") == []
+    card = (root / "v0001" / "README.md").read_text()
+    assert dataset in card and "eval_loss" in card and "sample-arithmetic" in card
+
+    # a run no better than the champion is not promoted
+    second = train_adapter(config=config)  # same config and data: no margin over the champion
+    decision = evaluate_adapter(run_id=second["run_id"])["decision"]
+    assert not decision["promote"] and "champion" in decision["reason"]
+
+    # a publish that fails halfway leaves no visible version and the old champion
+    def broken_card(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(publish_task, "model_card", broken_card)
+        with pytest.raises(Exception, match="disk full"):
+            publish_model(run_id=second["run_id"])
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["CHAMPION", "v0001"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+
+    # published for the record, but the champion stays
+    v2 = publish_model(run_id=second["run_id"])
+    assert (v2["version"], v2["promoted"], v2["champion"]) == ("v0002", False, "v0001")
+    assert champion_of(workspace, config.name)["version"] == "v0001"
+    with pytest.raises(Exception, match="already published"):
+        publish_model(run_id=second["run_id"])
+
+    # tampering is detected
+    (root / "v0002" / "eval.json").write_text("{}")
+    assert verify_version(root / "v0002") == ["eval.json"]
