@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -264,10 +263,3 @@ def resolve_model(model: ModelConfig, workspace: Workspace, log=print) -> str:
     if model.name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name {model.name}: no such directory")
     return model.name  # a hub id: the engine loads it (offline machines need it in the HF cache)
-
-
-def copy_tokenizer_files(source: str, target: Path) -> None:
-    """Carry the SentencePiece model along (GGUF conversion of SPM vocabularies reads it)."""
-    spm_file = Path(source) / "tokenizer.model"
-    if spm_file.is_file():
-        shutil.copyfile(spm_file, target / "tokenizer.model")

@@ -40,7 +40,6 @@ from sftflow import staging
 from sftflow.errors import DropError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion")
 DROP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # Every spelling of a role seen in public instruction data, mapped to the four canonical roles.
@@ -802,25 +801,3 @@ def read_drop(files: list[str], drop_id: str, config: IngestConfig, staging_dir:
         logger.info("%s: %s rows, format %s, %s unreadable", outcome["url"], counts["rows_in"], outcome["format"],
                     counts["quarantined"])
     return result
-
-
-__all__ = [
-    "FORMATS",
-    "ROLES",
-    "CanonicalRow",
-    "RawRecord",
-    "Rejection",
-    "StagedDrop",
-    "check_drop_id",
-    "default_drop_id",
-    "detect_format",
-    "fingerprint_files",
-    "list_drop_files",
-    "normalize_record",
-    "read_csv",
-    "read_drop",
-    "read_json",
-    "read_jsonl",
-    "read_parquet",
-    "row_id",
-]

@@ -101,15 +101,6 @@ def tokenize_conversation(tokenizer, messages: list[dict], tools_json: str | Non
 
 
 @dataclass
-class TokenizedSplit:
-    path: str
-    rows: int
-    trainable_tokens: int
-    tokens: int
-    truncated: int
-
-
-@dataclass
 class GateReport:
     rows: int
     truncated: int

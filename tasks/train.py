@@ -78,7 +78,7 @@ def train_model(run_dir: Path, model_path: str, config: RunConfig, engine: str) 
             stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT,
         )
         (run_dir / "worker.pid").write_text(str(proc.pid))
-        end, bar, max_steps = None, None, 0
+        end, error, bar, max_steps = None, None, None, 0
         try:
             for line in proc.stdout:
                 try:
@@ -107,17 +107,19 @@ def train_model(run_dir: Path, model_path: str, config: RunConfig, engine: str) 
                     logger.info("checkpoint at step %s", event["step"])
                 elif kind == "end":
                     end = event
+                elif kind == "error":
+                    error = event["message"]
         finally:
             if bar is not None:
                 bar.close()
             returncode = proc.wait()
+    if error is not None:
+        raise TrainingError(error)
     if returncode != 0 or end is None:
         tail = "".join((run_dir / "worker.log").read_text().splitlines(keepends=True)[-15:])
         if returncode < 0 or returncode in (137, 143):  # killed by a signal: resume on retry
             name = signal.Signals(-returncode).name if returncode < 0 else str(returncode)
             raise WorkerDiedError(f"training worker killed ({name}); the retry resumes from the last checkpoint")
-        if "SftflowError" in tail or "ConfigError" in tail:
-            raise TrainingError(f"training worker rejected the run (exit {returncode}):\n{tail}")
         raise WorkerDiedError(f"training worker exited with status {returncode}; last lines of worker.log:\n{tail}")
     update_progress_artifact(progress_id, 100.0)
     return end
@@ -204,7 +206,3 @@ def record_run(run_dir: Path, config: RunConfig, dataset_dir: str, model_path: s
     }
     write_json_atomic(run_dir / "manifest.json", manifest)
     return manifest
-
-
-def load_manifest(run_dir: Path) -> dict:
-    return read_json(run_dir / "manifest.json")

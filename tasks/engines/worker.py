@@ -10,6 +10,7 @@ rows from the run directory and reports progress on stdout as JSON lines, one ev
     {"event": "checkpoint", "step": 60}
     {"event": "eval", "step": 60, "eval_loss": 1.4}
     {"event": "end", "global_step": 120, "train_runtime": 33.1, "trained_tokens": ..., "peak_mem_gib": ...}
+    {"event": "error", "message": "model.load_in_4bit needs CUDA ..."}   (bad input; exit status 2)
 
 Everything else (library logs, warnings) goes to stderr, which the task saves to worker.log.
 """
@@ -194,4 +195,10 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    from sftflow.errors import SftflowError
+
+    try:
+        main(sys.argv[1])
+    except SftflowError as exc:  # bad input (config, model): reported, not retried
+        emit("error", message=str(exc))
+        sys.exit(2)

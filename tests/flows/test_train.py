@@ -187,3 +187,13 @@ def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promot
     # tampering is detected
     (root / "v0002" / "eval.json").write_text("{}")
     assert verify_version(root / "v0002") == ["eval.json"]
+
+
+def test_bad_input_in_the_worker_fails_once_with_its_message(workspace, dataset):
+    from tasks.train import TrainingError
+
+    config = load_run_config(CONFIG, ["model.load_in_4bit=true", "model.dtype=bfloat16", "train.max_steps=2"])
+    with pytest.raises(TrainingError, match="load_in_4bit needs CUDA"):
+        train_adapter(config=config, run_id="no-gpu")
+    begins = [e for e in read_events(workspace.runs / "no-gpu") if e["event"] == "error"]
+    assert len(begins) == 1  # not retried
