@@ -60,7 +60,10 @@ def ingest_drop(paths: list[str], drop_id: str | None = None, config: IngestConf
         logger.info("drop %s was ingested before with the same content: nothing to do", drop_id)
         current = current_version(workspace)
         return {
-            **previous,
+            "status": "ingested",
+            "held_back": 0,
+            "reasons": {},
+            **previous,  # a full drop report, or the drop's record in the dataset manifest
             "noop": True,
             "dataset_changed": False,
             "dataset_version": current.name if current else None,
