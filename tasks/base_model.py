@@ -50,7 +50,7 @@ TINY_ARCH = {
     "tie_word_embeddings": False,
 }
 TINY_VOCAB = 1024
-TINY_RECIPE = {"seed": 1234, "steps": 160, "batch": 16, "seq": 128, "lr": 3e-3, "version": 1}
+TINY_RECIPE = {"seed": 1234, "steps": 160, "batch": 16, "seq": 128, "lr": 3e-3, "version": 2}
 
 _WORDS = (
     "the a of to and in is that for it with as was on be by at this are from or have an they which one you were "
@@ -126,7 +126,12 @@ def train_tokenizer(corpus: list[str], out_dir: Path, vocab_size: int = TINY_VOC
         model_type="bpe",
         byte_fallback=True,  # any UTF-8 text encodes, no <unk>
         split_digits=True,  # numbers tokenize digit by digit: arithmetic stays learnable
-        user_defined_symbols=SPECIAL_TOKENS,
+        # no space prefix, no whitespace folding: text round-trips exactly, and HF and llama.cpp (told
+        # by add_prefix_space=false below, which the GGUF converter copies) tokenize alike
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        control_symbols=SPECIAL_TOKENS,  # control, as in Llama 3: never produced from plain text,
+        # and typed CONTROL in GGUF so llama.cpp parses them as special tokens too
         unk_id=0,
         bos_id=1,
         eos_id=2,
@@ -147,6 +152,7 @@ def train_tokenizer(corpus: list[str], out_dir: Path, vocab_size: int = TINY_VOC
                 "add_bos_token": False,  # the chat template writes the BOS token itself
                 "add_eos_token": False,
                 "legacy": False,
+                "add_prefix_space": False,
                 "bos_token": BOS,
                 "eos_token": EOT,
                 "pad_token": PAD,
