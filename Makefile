@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# llama-cpp-python (GGUF runtime and quantiser) is built once from its PyPI sdist, portable
+# (GGML_NATIVE=OFF), and its wheel kept here so that the next install takes seconds.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/sftflow/wheels
 
 .PHONY: install demo test clean
 
@@ -13,6 +17,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip wheel -q --no-deps --no-binary llama-cpp-python \
+	    -w $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
+	$(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -152,6 +152,30 @@ class EvalConfig(StrictModel):
     )
 
 
+Quant = Literal["f16", "q8_0", "q4_k_m"]
+
+
+class ExportConfig(StrictModel):
+    """GGUF export and its parity check against the merged HF model."""
+
+    quants: list[Quant] = Field(["f16", "q8_0", "q4_k_m"], description="GGUF files to make (f16 is always made).")
+    merge_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the base is reloaded in to merge the adapter (never the 4-bit base)."
+    )
+    lora_gguf: bool = Field(True, description="Also write the adapter as a GGUF LoRA (convert_lora_to_gguf.py).")
+    parity_prompts: int = Field(8, gt=0, description="Eval prompts (fixed sample) the parity check runs on.")
+    greedy_tokens: int = Field(16, gt=0, description="Greedy tokens compared per prompt.")
+    thresholds: dict[str, dict[str, float]] = Field(
+        {
+            "f16": {"max_kl": 1e-3, "min_greedy": 0.9},
+            "q8_0": {"max_kl": 1e-2},
+            "q4_k_m": {"min_top1": 0.85},
+            "lora": {"max_kl": 1e-3, "min_greedy": 0.9},
+        },
+        description="Parity limits per GGUF (max_kl, min_top1, min_greedy); token ids must always match.",
+    )
+
+
 class RunConfig(StrictModel):
     """Everything a training run needs, validated before anything runs."""
 
@@ -163,6 +187,7 @@ class RunConfig(StrictModel):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

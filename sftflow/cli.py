@@ -205,6 +205,30 @@ def evaluate(
 
 
 @app.command()
+def export(
+    run: Annotated[str, typer.Option("--run", help="Run id of a finished training run.")],
+    quant: Annotated[Optional[str], typer.Option("--quant", help="Comma list of f16,q8_0,q4_k_m (default: the config's).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Merge the adapter, write GGUF files with llama.cpp's tools, check each against the HF model."""
+    quants = [q.strip() for q in quant.split(",")] if quant else None
+    if quants and not set(quants) <= {"f16", "q8_0", "q4_k_m"}:
+        _fail(SftflowError(f"--quant {quant}: choose from f16, q8_0, q4_k_m"))
+    try:
+        with _flow_session():
+            from flows.export import export_model
+
+            result = export_model(run_id=run, quants=quants)
+    except SftflowError as exc:
+        _fail(exc)
+    lines = [f"exported {run}: {result['gguf_dir']}"]
+    for kind, p in result["parity"].items():
+        lines.append(f"  {kind:<17} KL {p['kl']:.2e}  top-1 {p['top1']:.3f}  greedy {p['greedy_match']:.3f}  "
+                     f"ids {'equal' if p['token_ids_equal'] == 1 else 'DIFFER'}")
+    _emit(result, as_json, "\n".join(lines))
+
+
+@app.command()
 def publish(
     run: Annotated[str, typer.Option("--run", help="Run id of an evaluated training run.")],
     as_json: JsonOption = False,
@@ -251,7 +275,7 @@ def datasets(as_json: JsonOption = False) -> None:
 def demo(as_json: JsonOption = False) -> None:
     """Run the pipeline on the bundled sample drops with the tiny local model and no server: ingest
     every drop in data/drops, fine-tune a LoRA adapter (flows/configs/tiny_cpu.yaml), evaluate it
-    against the base (and the champion), publish it to the registry."""
+    against the base (and the champion), export GGUF files with parity checks, publish to the registry."""
     from schemas.config import load_run_config
 
     drops = sorted(p for p in SAMPLE_DROPS.iterdir() if p.is_dir())
@@ -260,6 +284,7 @@ def demo(as_json: JsonOption = False) -> None:
         config = load_run_config(DEMO_CONFIG)
         with _flow_session():
             from flows.evaluate import evaluate_adapter
+            from flows.export import export_model
             from flows.ingest import ingest_drop
             from flows.publish import publish_model
             from flows.train import train_adapter
@@ -268,6 +293,7 @@ def demo(as_json: JsonOption = False) -> None:
                 results.append(ingest_drop(paths=[str(drop)], drop_id=f"sample-{drop.name}"))
             training = train_adapter(config=config)
             evaluation = evaluate_adapter(run_id=training["run_id"])
+            exported = export_model(run_id=training["run_id"])
             published = publish_model(run_id=training["run_id"])
     except SftflowError as exc:
         _fail(exc)
@@ -278,6 +304,7 @@ def demo(as_json: JsonOption = False) -> None:
         "dataset_rows": final["dataset_rows"],
         "training": training,
         "evaluation": {k: evaluation[k] for k in ("scores", "decision")},
+        "gguf_parity": exported["parity"],
         "published": published,
         "workspace": str(Workspace.from_env().root),
     }
@@ -288,7 +315,9 @@ def demo(as_json: JsonOption = False) -> None:
         + "".join(f"  {m:<9} eval loss {s['eval_loss']:.3f}  rouge-L {s['rouge_l']:.3f}  chrF {s['chrf']:.1f}\n"
                   for m, s in evaluation["scores"].items())
         + f"  decision: {'promote' if evaluation['decision']['promote'] else 'keep'} ({evaluation['decision']['reason']})\n"
-        f"\npublished {published['name']} {published['version']} "
+        + "".join(f"  gguf {k:<17} KL {p['kl']:.1e}  top-1 {p['top1']:.3f}  greedy {p['greedy_match']:.3f}\n"
+                  for k, p in exported["parity"].items())
+        + f"\npublished {published['name']} {published['version']} "
         f"({'champion' if published['promoted'] else 'not promoted'}): {published['path']}\n"
         f"\nworkspace: {summary['workspace']}\n"
         "next: sftflow datasets   (list dataset versions)"

@@ -61,7 +61,25 @@ def verify_version(version_dir: Path) -> list[str]:
     return sorted(p for p in set(listed) | set(actual) if listed.get(p) != actual.get(p))
 
 
-def model_card(name: str, version: str, run: dict, evaluation: dict) -> str:
+def _gguf_section(exported: dict | None) -> str:
+    if not exported or not exported.get("passed"):
+        return "No GGUF files: this run was not exported (`sftflow export --run RUN_ID`).\n"
+    rows = ["| file | bytes | KL vs HF | top-1 | greedy match |", "|---|---|---|---|---|"]
+    for kind, path in exported["files"].items():
+        p = exported["parity"][kind]
+        rows.append(f"| gguf/{Path(path).name} | {exported['bytes'][kind]} | {p['kl']:.2e} | {p['top1']:.3f} | "
+                    f"{p['greedy_match']:.3f} |")
+    control = exported["parity"]["control_base_f16"]
+    q = next((Path(v).name for k, v in exported["files"].items() if k == "q4_k_m"), Path(exported["files"]["f16"]).name)
+    return (
+        "\n".join(rows)
+        + f"\n\nControl (the base model without the adapter, f16): KL {control['kl']:.2e}, top-1 {control['top1']:.3f}."
+        + f"\n\nWith llama.cpp: `llama-cli -m gguf/{q} -cnv` (or `llama_cpp.Llama('gguf/{q}')` in Python)."
+        + "\nWith Ollama: `ollama create my-model -f Modelfile && ollama run my-model`.\n"
+    )
+
+
+def model_card(name: str, version: str, run: dict, evaluation: dict, exported: dict | None = None) -> str:
     scores = evaluation["scores"]
     metrics = ("eval_loss", "perplexity", "exact_match", "rouge_l", "chrf", "json_valid", "stop_rate")
     table = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
@@ -69,6 +87,7 @@ def model_card(name: str, version: str, run: dict, evaluation: dict) -> str:
         table.append(f"| {model} | " + " | ".join("-" if s.get(m) is None else str(s[m]) for m in metrics) + " |")
     config = run["config"]
     drops = ", ".join(d["drop_id"] for d in read_json(Path(run["dataset_dir"]) / "manifest.json")["drops"])
+    LLAMA = exported["llama_cpp_python"] if exported else "-"
     return f"""# {name} {version}
 
 A LoRA adapter for `{config['model']['name']}` fine-tuned by sftflow.
@@ -85,6 +104,9 @@ A LoRA adapter for `{config['model']['name']}` fine-tuned by sftflow.
 
 Decision: **{'promoted to champion' if evaluation['decision']['promote'] else 'not promoted'}** — {evaluation['decision']['reason']}.
 
+## GGUF files (llama.cpp {LLAMA})
+
+{_gguf_section(exported)}
 ## Use it
 
 With transformers + peft:
@@ -121,9 +143,14 @@ def publish_run(run_dir: Path, workspace: Workspace) -> dict:
         target = model_root / version
         with staged_dir(target) as tmp:
             shutil.copytree(run["adapter_dir"], tmp / "adapter")
+            exported = read_json(run_dir / "export.json") if (run_dir / "export.json").exists() else None
+            if exported and exported.get("passed"):
+                shutil.copytree(run_dir / "gguf", tmp / "gguf")
+                shutil.copyfile(run_dir / "Modelfile", tmp / "Modelfile")
+                shutil.copyfile(run_dir / "export.json", tmp / "export.json")
             shutil.copyfile(run_dir / "eval.json", tmp / "eval.json")
             shutil.copyfile(run_dir / "manifest.json", tmp / "run_manifest.json")
-            (tmp / "README.md").write_text(model_card(name, version, run, evaluation))
+            (tmp / "README.md").write_text(model_card(name, version, run, evaluation, exported))
             write_json_atomic(tmp / "manifest.json", {
                 "name": name, "version": version, "run_id": run["run_id"],
                 "dataset_version": run["dataset_version"], "promoted": evaluation["decision"]["promote"],

@@ -197,3 +197,40 @@ def test_bad_input_in_the_worker_fails_once_with_its_message(workspace, dataset)
         train_adapter(config=config, run_id="no-gpu")
     begins = [e for e in read_events(workspace.runs / "no-gpu") if e["event"] == "error"]
     assert len(begins) == 1  # not retried
+
+
+def test_export_gguf_parity_control_and_publish_with_gguf(workspace, dataset):
+    import llama_cpp
+
+    from flows.evaluate import evaluate_adapter
+    from flows.export import export_model
+    from flows.publish import publish_model
+    from tasks.export import check_thresholds
+    from tasks.publish import verify_version
+
+    config = load_run_config(CONFIG, ["train.max_steps=40", "eval.sample_size=8", "eval.max_new_tokens=16",
+                                      "export.parity_prompts=4", "export.greedy_tokens=8"])
+    run = train_adapter(config=config)
+    result = export_model(run_id=run["run_id"])
+    parity = result["parity"]
+    assert result["passed"] and set(result["files"]) == {"f16", "q8_0", "q4_k_m", "lora"}
+    for kind in ("f16", "q8_0", "q4_k_m", "lora"):
+        assert parity[kind]["passed"] and parity[kind]["token_ids_equal"] == 1.0
+        assert not check_thresholds(parity[kind], config.export.thresholds[kind])
+    assert parity["f16"]["kl"] < 1e-3 and parity["f16"]["greedy_match"] >= 0.9
+    # the control (base without the adapter) is clearly worse than every export
+    assert parity["control_base_f16"]["kl"] > 100 * parity["q4_k_m"]["kl"]
+    assert check_thresholds(parity["control_base_f16"], config.export.thresholds["f16"])
+    # each file loads in its real consumer and generates
+    llm = llama_cpp.Llama(result["files"]["q4_k_m"], n_ctx=256, verbose=False)
+    assert llm.create_completion("What is 2 + 2?", max_tokens=4, temperature=0)["choices"][0]["text"] is not None
+    llm.close()
+    modelfile = (workspace.runs / run["run_id"] / "Modelfile").read_text()
+    assert "FROM ./gguf/tiny-sft-q4_k_m.gguf" in modelfile and 'PARAMETER stop "<|eot_id|>"' in modelfile
+
+    evaluate_adapter(run_id=run["run_id"])
+    published = publish_model(run_id=run["run_id"])
+    version = workspace.registry / config.name / published["version"]
+    assert (version / "gguf" / "tiny-sft-q8_0.gguf").exists() and (version / "Modelfile").exists()
+    assert verify_version(version) == []
+    assert "tiny-sft-q4_k_m.gguf" in (version / "README.md").read_text()
