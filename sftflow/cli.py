@@ -246,6 +246,54 @@ def publish(
 
 
 @app.command()
+def chat(
+    model: Annotated[Optional[str], typer.Option("--model", help="NAME[@VERSION] (default: the champion).")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    max_tokens: Annotated[int, typer.Option(help="Longest reply in tokens.")] = 256,
+    system: Annotated[Optional[str], typer.Option(help="A system message for the conversation.")] = None,
+) -> None:
+    """Chat with a published model's GGUF (one line per turn; an empty line or EOF ends)."""
+    from tasks.serve import load_chat_model, published_gguf
+
+    try:
+        gguf = published_gguf(Workspace.from_env(), model)
+    except SftflowError as exc:
+        _fail(exc)
+    typer.echo(f"chatting with {gguf} (empty line to end)", err=True)
+    llm = load_chat_model(gguf)
+    messages = [{"role": "system", "content": system}] if system else []
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = llm.create_chat_completion(messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        text = reply["choices"][0]["message"]["content"]
+        messages.append({"role": "assistant", "content": text})
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option("--model", help="NAME[@VERSION] (default: the champion).")] = None,
+    port: Annotated[int, typer.Option(help="Loopback port.")] = 8000,
+) -> None:
+    """Serve a published model's GGUF as an OpenAI-compatible chat API on 127.0.0.1 (llama-cpp-python's server)."""
+    import os
+
+    from tasks.serve import published_gguf, server_command
+
+    try:
+        gguf = published_gguf(Workspace.from_env(), model)
+    except SftflowError as exc:
+        _fail(exc)
+    command = server_command(gguf, port)
+    typer.echo(f"serving {gguf} at http://127.0.0.1:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", err=True)
+    os.execv(command[0], command)
+
+
+@app.command()
 def datasets(as_json: JsonOption = False) -> None:
     """List the dataset versions in the workspace, newest first, and which one is current."""
     from tasks.format import DatasetVersion, current_version

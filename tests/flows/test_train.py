@@ -234,3 +234,38 @@ def test_export_gguf_parity_control_and_publish_with_gguf(workspace, dataset):
     assert (version / "gguf" / "tiny-sft-q8_0.gguf").exists() and (version / "Modelfile").exists()
     assert verify_version(version) == []
     assert "tiny-sft-q4_k_m.gguf" in (version / "README.md").read_text()
+
+    # use the result: chat through the CLI, and the OpenAI-compatible server with the official client
+    env = {**os.environ, "SFTFLOW_HOME": str(workspace.root)}
+    chat = subprocess.run([sys.executable, "-m", "sftflow", "chat", "--temperature", "0", "--max-tokens", "8"],
+                          input="What is 2 + 2?\n", capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
+    assert "tiny-sft-q4_k_m.gguf" in chat.stderr
+
+    import socket
+
+    from openai import OpenAI
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "sftflow", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                models = [m.id for m in client.models.list().data]
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        reply = client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "What is 2 + 2?"}],
+                                               max_tokens=8, temperature=0)
+        assert models == ["tiny-sft"] and reply.choices[0].message.content is not None
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.terminate()
+        server.wait(30)
