@@ -176,6 +176,18 @@ class ExportConfig(StrictModel):
     )
 
 
+class PublishConfig(StrictModel):
+    """Where a published version goes besides the local registry."""
+
+    remote: str | None = Field(
+        None, description="An fsspec URL (s3://bucket/models, file:///mnt/share, ...) that receives a copy of every "
+        "published version as <remote>/<name>/<version>/, manifest.json last."
+    )
+    hub_repo: str | None = Field(
+        None, description="A Hugging Face Hub repo id to upload each version to, when HF_TOKEN is set (skipped otherwise)."
+    )
+
+
 class RunConfig(StrictModel):
     """Everything a training run needs, validated before anything runs."""
 
@@ -188,6 +200,7 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

@@ -123,6 +123,39 @@ The full training config is in `run_manifest.json`; `manifest.json` lists the sh
 """
 
 
+def copy_to_remote(version_dir: Path, remote: str, name: str) -> str:
+    """Copy a version to an fsspec URL: every file, then manifest.json last, so a reader that waits for
+    the manifest never sees a partial version (object stores have no atomic rename)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(remote.rstrip("/"))
+    target = f"{root}/{name}/{version_dir.name}"
+    files = sorted(p for p in version_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
+    for path in [*files, version_dir / "manifest.json"]:
+        destination = f"{target}/{path.relative_to(version_dir)}"
+        fs.makedirs(destination.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(path), destination)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return target if protocol in ("file", "local") else f"{protocol}://{target}"
+
+
+def upload_to_hub(version_dir: Path, repo_id: str) -> str:
+    """Upload to the Hugging Face Hub when a token is configured; otherwise say why it was skipped."""
+    import os
+
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token:
+        return f"skipped: no HF_TOKEN set, {version_dir.name} was not uploaded to {repo_id}"
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return f"skipped: HF_HUB_OFFLINE=1, {version_dir.name} was not uploaded to {repo_id}"
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(version_dir), repo_id=repo_id, commit_message=f"sftflow {version_dir.name}")
+    return f"uploaded to https://huggingface.co/{repo_id}"
+
+
 @task(cache_policy=NO_CACHE)
 def publish_run(run_dir: Path, workspace: Workspace) -> dict:
     """Write a registry version for an evaluated run; move the champion pointer if it was promoted."""
@@ -165,5 +198,13 @@ def publish_run(run_dir: Path, workspace: Workspace) -> dict:
                 "not promoted")
     create_link_artifact(key="published-model", link=target.as_uri(), link_text=f"{name} {version}",
                          description=f"Registry version of run {run['run_id']}")
-    return {"name": name, "version": version, "path": str(target), "promoted": evaluation["decision"]["promote"],
-            "champion": champion["version"] if champion else None}
+    result = {"name": name, "version": version, "path": str(target), "promoted": evaluation["decision"]["promote"],
+              "champion": champion["version"] if champion else None}
+    options = run["config"].get("publish") or {}
+    if options.get("remote"):
+        result["remote"] = copy_to_remote(target, options["remote"], name)
+        logger.info("copied %s/%s to %s", name, version, result["remote"])
+    if options.get("hub_repo"):
+        result["hub"] = upload_to_hub(target, options["hub_repo"])
+        logger.info("hub: %s", result["hub"])
+    return result

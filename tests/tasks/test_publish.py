@@ -1,0 +1,46 @@
+"""Remote copies of a published version, and the Hub upload's offline behaviour."""
+
+from __future__ import annotations
+
+import json
+
+from tasks.publish import copy_to_remote, file_manifest, upload_to_hub
+
+
+def version_dir(tmp_path):
+    version = tmp_path / "registry" / "m" / "v0001"
+    (version / "adapter").mkdir(parents=True)
+    (version / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (version / "README.md").write_text("card")
+    (version / "manifest.json").write_text(json.dumps({"files": file_manifest(version)}))
+    return version
+
+
+def test_copy_to_a_local_fsspec_url_keeps_every_file(tmp_path):
+    version = version_dir(tmp_path)
+    target = copy_to_remote(version, f"file://{tmp_path / 'remote'}", "m")
+    copied = tmp_path / "remote" / "m" / "v0001"
+    assert target == str(copied)
+    assert file_manifest(copied) == file_manifest(version)
+
+
+def test_copy_to_memory_url_writes_the_manifest_last(tmp_path, monkeypatch):
+    import fsspec
+
+    version = version_dir(tmp_path)
+    fs = fsspec.filesystem("memory")
+    order = []
+    original = type(fs).put_file
+    monkeypatch.setattr(type(fs), "put_file", lambda self, lpath, rpath, **kw: (order.append(rpath), original(self, lpath, rpath, **kw))[1])
+    assert copy_to_remote(version, "memory://bucket/models", "m") == "memory:///bucket/models/m/v0001"
+    assert order[-1].endswith("/manifest.json") and len(order) == 3
+
+
+def test_hub_upload_is_skipped_with_a_clear_message_without_a_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert upload_to_hub(version_dir(tmp_path), "me/model") == "skipped: no HF_TOKEN set, v0001 was not uploaded to me/model"
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = upload_to_hub(version_dir(tmp_path / "b"), "me/model")
+    assert message.startswith("skipped: HF_HUB_OFFLINE=1") and "secret" not in message
