@@ -7,21 +7,27 @@ STAMP  := $(VENV)/.installed
 # llama-cpp-python (GGUF runtime and quantiser) is built once from its PyPI sdist, portable
 # (GGML_NATIVE=OFF), and its wheel kept here so that the next install takes seconds.
 LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_SDIST_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMA_SDIST ?= $(HOME)/.cache/sftflow/sdist
 LLAMA_WHEELS ?= $(HOME)/.cache/sftflow/wheels
 
 .PHONY: install demo test clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
+	test -f $(LLAMA_SDIST)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz || $(BIN)/python -m pip download -q \
+	  --no-deps --no-binary :all: -d $(LLAMA_SDIST) "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
+	echo "$(LLAMA_SDIST_SHA256)  $(LLAMA_SDIST)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz" | sha256sum -c --quiet -
 	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
-	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip wheel -q --no-deps --no-binary llama-cpp-python \
-	    -w $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip wheel -q --no-deps -w $(LLAMA_WHEELS) \
+	    $(LLAMA_SDIST)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 	$(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	SFTFLOW_SDIST_CACHE=$(LLAMA_SDIST) $(BIN)/python -m tasks.export
 	touch $(STAMP)
 
 demo: $(STAMP)

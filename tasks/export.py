@@ -65,12 +65,16 @@ def fetch_sdist(target_dir: Path) -> Path:
     return sdist
 
 
+# Shared with the Makefile, which builds the llama_cpp wheel from this very file at install time.
+SDIST_CACHE = Path(os.environ.get("SFTFLOW_SDIST_CACHE", Path.home() / ".cache" / "sftflow" / "sdist"))
+
+
 def llama_cpp_tools(workspace: Workspace) -> Path:
     """The converter scripts and gguf-py of the pinned sdist, extracted once into the model cache."""
     tools = workspace.cache / f"llama.cpp-{LLAMA_CPP_PYTHON}"
     if (tools / "convert_hf_to_gguf.py").exists():
         return tools
-    sdist = fetch_sdist(workspace.cache / "sdist")
+    sdist = fetch_sdist(SDIST_CACHE)
     prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
     with staged_dir(tools) as tmp, tarfile.open(sdist) as archive:
         for member in archive.getmembers():
@@ -315,3 +319,7 @@ def _eot_ids(tokenizer) -> set[int]:
     from tasks.tokenize import end_of_turn_ids
 
     return end_of_turn_ids(tokenizer)
+
+
+if __name__ == "__main__":  # `python -m tasks.export`: fetch, verify and extract the tools (make does this)
+    print(llama_cpp_tools(Workspace.from_env().ensure()))
