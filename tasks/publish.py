@@ -150,61 +150,94 @@ def upload_to_hub(version_dir: Path, repo_id: str) -> str:
         return f"skipped: HF_HUB_OFFLINE=1, {version_dir.name} was not uploaded to {repo_id}"
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(folder_path=str(version_dir), repo_id=repo_id, commit_message=f"sftflow {version_dir.name}")
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(version_dir), repo_id=repo_id, commit_message=f"sftflow {version_dir.name}")
+    except Exception as exc:  # the local version stands; the message must never carry the token
+        reason = str(exc).replace(token, "<HF_TOKEN>").splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return (f"failed: {version_dir.name} was not uploaded to {repo_id} ({reason}); upload it with "
+                f"`huggingface-cli upload {repo_id} {version_dir}`")
     return f"uploaded to https://huggingface.co/{repo_id}"
+
+
+def _version_number(name: str) -> int:
+    return int(name[1:]) if name[:1] == "v" and name[1:].isdigit() else 0
+
+
+def _remote_complete(remote: str, name: str, version: str) -> bool:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(remote.rstrip("/"))
+    return fs.exists(f"{root}/{name}/{version}/manifest.json")
 
 
 @task(cache_policy=NO_CACHE)
 def publish_run(run_dir: Path, workspace: Workspace) -> dict:
-    """Write a registry version for an evaluated run; move the champion pointer if it was promoted."""
+    """Write a registry version for an evaluated run; move the champion pointer if it was promoted.
+
+    Publishing a run whose earlier publish was interrupted (killed after the version appeared but
+    before the champion pointer moved or the remote copy was finished) finishes that publish.
+    """
     logger = get_run_logger()
     if not (run_dir / "eval.json").exists():
         raise PublishError(f"run {run_dir.name} has no eval.json; evaluate it first: sftflow evaluate --run {run_dir.name}")
     run = read_json(run_dir / "manifest.json")
     evaluation = read_json(run_dir / "eval.json")
     name = run["config"]["name"]
+    promote = evaluation["decision"]["promote"]
+    remote = (run["config"].get("publish") or {}).get("remote")
     model_root = workspace.registry / name
     model_root.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(model_root / ".lock"):
         remove_stale_tmp(model_root)
-        published = [read_json(p)["run_id"] for p in model_root.glob("v*/manifest.json")]
-        if run["run_id"] in published:
-            raise PublishError(f"run {run['run_id']} is already published under {model_root}")
-        version = f"v{len(list(model_root.glob('v*/manifest.json'))) + 1:04d}"
-        target = model_root / version
-        with staged_dir(target) as tmp:
-            shutil.copytree(run["adapter_dir"], tmp / "adapter")
-            exported = read_json(run_dir / "export.json") if (run_dir / "export.json").exists() else None
-            if exported and exported.get("passed"):
-                shutil.copytree(run_dir / "gguf", tmp / "gguf")
-                shutil.copyfile(run_dir / "Modelfile", tmp / "Modelfile")
-                shutil.copyfile(run_dir / "export.json", tmp / "export.json")
-            shutil.copyfile(run_dir / "eval.json", tmp / "eval.json")
-            shutil.copyfile(run_dir / "manifest.json", tmp / "run_manifest.json")
-            (tmp / "README.md").write_text(model_card(name, version, run, evaluation, exported))
-            write_json_atomic(tmp / "manifest.json", {
-                "name": name, "version": version, "run_id": run["run_id"],
-                "dataset_version": run["dataset_version"], "promoted": evaluation["decision"]["promote"],
-                "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "files": file_manifest(tmp),
-            })
+        published = {read_json(p)["run_id"]: p.parent for p in model_root.glob("v*/manifest.json")}
         champion = champion_of(workspace, name)
-        if evaluation["decision"]["promote"]:
+        if run["run_id"] in published:
+            target = published[run["run_id"]]
+            version = target.name
+            # the champion is the newest promoted version: a promoted version newer than the pointer
+            # means a publish died between renaming the version into place and moving the pointer
+            pointer_behind = promote and (champion is None or _version_number(champion["version"]) < _version_number(version))
+            remote_behind = bool(remote) and not _remote_complete(remote, name, version)
+            if not (pointer_behind or remote_behind):
+                raise PublishError(f"run {run['run_id']} is already published under {model_root}")
+            logger.info("finishing the interrupted publish of %s as %s/%s", run["run_id"], name, version)
+        else:
+            # after the highest number, not the count: a removed version's number is never reused
+            version = f"v{max(map(_version_number, (p.name for p in published.values())), default=0) + 1:04d}"
+            target = model_root / version
+            pointer_behind = promote
+            with staged_dir(target) as tmp:
+                shutil.copytree(run["adapter_dir"], tmp / "adapter")
+                exported = read_json(run_dir / "export.json") if (run_dir / "export.json").exists() else None
+                if exported and exported.get("passed"):
+                    shutil.copytree(run_dir / "gguf", tmp / "gguf")
+                    shutil.copyfile(run_dir / "Modelfile", tmp / "Modelfile")
+                    shutil.copyfile(run_dir / "export.json", tmp / "export.json")
+                shutil.copyfile(run_dir / "eval.json", tmp / "eval.json")
+                shutil.copyfile(run_dir / "manifest.json", tmp / "run_manifest.json")
+                (tmp / "README.md").write_text(model_card(name, version, run, evaluation, exported))
+                write_json_atomic(tmp / "manifest.json", {
+                    "name": name, "version": version, "run_id": run["run_id"],
+                    "dataset_version": run["dataset_version"], "promoted": promote,
+                    "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "files": file_manifest(tmp),
+                })
+        if pointer_behind:
             write_bytes_atomic(model_root / "CHAMPION", f"{version}\n".encode())
             champion = {"version": version}
     logger.info("published %s/%s (%s)", name, version, "champion" if champion and champion["version"] == version else
                 "not promoted")
     create_link_artifact(key="published-model", link=target.as_uri(), link_text=f"{name} {version}",
                          description=f"Registry version of run {run['run_id']}")
-    result = {"name": name, "version": version, "path": str(target), "promoted": evaluation["decision"]["promote"],
+    result = {"name": name, "version": version, "path": str(target), "promoted": promote,
               "champion": champion["version"] if champion else None}
     options = run["config"].get("publish") or {}
-    if options.get("remote"):
-        result["remote"] = copy_to_remote(target, options["remote"], name)
+    if remote:
+        result["remote"] = copy_to_remote(target, remote, name)
         logger.info("copied %s/%s to %s", name, version, result["remote"])
     if options.get("hub_repo"):
         result["hub"] = upload_to_hub(target, options["hub_repo"])
-        logger.info("hub: %s", result["hub"])
+        (logger.warning if result["hub"].startswith("failed") else logger.info)("hub: %s", result["hub"])
     return result
