@@ -28,14 +28,21 @@ from tasks.validate import validate_rows
 
 
 def find_ingested(workspace: Workspace, drop_id: str, fingerprint: str) -> dict | None:
-    """The report of an earlier ingest of this very drop, or None; a reused id with new content is an error."""
+    """The report of an earlier ingest of this very drop, or None; a reused id with new content is an error.
+
+    A drop found in the dataset lineage but without its report was interrupted after its dataset
+    version was written: that is not done (its quarantine is not on disk yet), so None, and the
+    re-run finishes it (write_dataset_version reports the version the drop already made).
+    """
     report_path = workspace.drops / drop_id / "report.json"
     previous = read_json(report_path) if report_path.exists() else None
     if previous is None or previous.get("status") != "ingested":
         version = current_version(workspace)
         lineage = {d["drop_id"]: d for d in version.manifest["drops"]} if version else {}
-        previous = lineage.get(drop_id)
-        if previous is None:
+        recorded = lineage.get(drop_id)
+        if recorded is not None and recorded["fingerprint"] != fingerprint:
+            previous = recorded
+        else:
             return None
     if previous["fingerprint"] != fingerprint:
         raise DropError(

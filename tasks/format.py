@@ -131,6 +131,20 @@ def current_version(workspace: Workspace) -> DatasetVersion | None:
     return version
 
 
+def version_that_added(workspace: Workspace, drop_id: str) -> DatasetVersion | None:
+    """The version whose write recorded `drop_id` (its parent does not list the drop), or None."""
+    version = current_version(workspace)
+    while version is not None:
+        manifest = version.manifest
+        if not any(d["drop_id"] == drop_id for d in manifest["drops"]):
+            return None
+        parent = DatasetVersion(workspace.datasets / manifest["parent"]) if manifest["parent"] else None
+        if parent is None or not any(d["drop_id"] == drop_id for d in parent.manifest["drops"]):
+            return version
+        version = parent
+    return None
+
+
 def find_version(workspace: Workspace, name: str | None) -> DatasetVersion:
     """A named version, or the current one; a clear error when there is none."""
     if name is None:
@@ -250,15 +264,35 @@ def write_dataset_version(
                 f"{parent.name}: changing it would move rows between train and eval; keep "
                 f"--eval-ratio {parent_manifest['eval_ratio']} or start a new workspace (SFTFLOW_HOME)"
             )
-        dataset_ids = sorted_ids(parent.ids()) if parent else np.empty(0, dtype="S64")
+        drop_id = drop_record["drop_id"]
+        added = version_that_added(workspace, drop_id) if parent else None
+        if added is not None:
+            # An ingest of this drop died after its version was written (CURRENT already moved), before
+            # its drop report: redo the dedup against that version's parent, which reproduces the
+            # duplicates exactly, and report that version; nothing new is written.
+            base = DatasetVersion(datasets / added.manifest["parent"]) if added.manifest["parent"] else None
+            dataset_ids = sorted_ids(base.ids()) if base else np.empty(0, dtype="S64")
+        else:
+            base = parent
+            dataset_ids = sorted_ids(parent.ids()) if parent else np.empty(0, dtype="S64")
         drop_ids = staging.read_columns(validated_path, ["id"]).column("id").combine_chunks()
         keep, repeat_in_drop = new_row_mask(drop_ids, dataset_ids)
 
         duplicates_path = staging_dir / "duplicates.parquet"
-        duplicates = _write_duplicates(validated_path, keep, repeat_in_drop, drop_record["drop_id"], parent,
-                                       duplicates_path)
+        duplicates = _write_duplicates(validated_path, keep, repeat_in_drop, drop_id, base, duplicates_path)
 
         accepted = int(keep.sum())
+        if added is not None:
+            recorded = next(d for d in added.manifest["drops"] if d["drop_id"] == drop_id)
+            if (recorded["fingerprint"], recorded["accepted"], recorded["duplicates"]) != (
+                    drop_record["fingerprint"], accepted, duplicates):
+                raise DatasetError(
+                    f"drop {drop_id} is recorded in dataset {added.name} with {recorded['accepted']} accepted and "
+                    f"{recorded['duplicates']} duplicate rows, but re-reading it gives {accepted} and {duplicates}; "
+                    "the drop's files or the validation rules changed since: give the new data a new --drop-id"
+                )
+            logger.info("drop %s is already in dataset %s: finishing its interrupted ingest", drop_id, added.name)
+            return FormatResult(accepted, duplicates, str(duplicates_path), added.name, True, added.manifest["rows"])
         if accepted == 0:
             name = parent.name if parent else None
             rows = parent_manifest["rows"] if parent_manifest else dict.fromkeys(SPLITS, 0)
