@@ -12,12 +12,14 @@ vocabulary, Llama-3 chat template) trained on the data file. The data is the Alp
 repeated `--repeat` times, tokenized once with sftflow's own code (chat template, response-only
 labels) and given to every recipe, so they all see the same tokens:
 
-- sftflow-unsloth-packed / sftflow-hf-packed: the project's worker (`tasks.engines.worker`), packing on;
+- sftflow-unsloth-packed / sftflow-hf-packed: the project's worker (`tasks.engines.worker`), packing on,
+  `--packed-batch` sequences of 2048 tokens per step (`sftflow-unsloth-packed@32`: 32 of them);
 - sftflow-unsloth-unpacked: the same, packing off (its loss is the reference for the packed run);
 - ref-hf-padded: plain transformers + peft + bitsandbytes 4-bit + trl SFTTrainer, batch 8, padded;
 - ref-unsloth-notebook: Unsloth's notebook recipe (FastLanguageModel + SFTTrainer, batch 8, no packing);
 - dense: the ceiling, random tokens at seq 2048 x batch 4 (no padding, no masking), Unsloth model;
-- packing-parity: the loss of the same rows packed into one sequence and run one by one.
+- packing-parity: the packed attention path checked on the GPU (kernel against per-document SDPA; the
+  same rows packed, padded and one by one) and timed against Unsloth's own packed path.
 
 Each recipe runs in its own process (peak memory is per recipe) and prints one JSON line:
 {"bench": "train_gpu", "shape", "recipe", "trained_tokens_per_s", "non_pad_tokens_per_s",
@@ -162,6 +164,10 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
         "loss_last": logs[-1]["loss"],
         "loss_mean": round(sum(e["loss"] for e in logs) / len(logs), 4),
         "steps": end["global_step"],
+        "tokens_per_step": batch * 2048 if packing else None,
+        "attention_calls": end.get("attention_calls"),
+        "unsloth_block_compile": [line[:200] for line in proc.stderr.splitlines()
+                                  if "block compile failed" in line or "compiling each transformer block" in line][:5],
         "wall_s": round(time.monotonic() - started, 1),
     }
 
@@ -276,46 +282,156 @@ def run_dense(model_dir: Path, steps: int) -> dict:
             "loss_last": losses[-1], "steps": steps}
 
 
-def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
-    """Loss of 8 rows packed into one sequence vs. the same rows one by one, through trl's collator.
+def _unsloth_engine_model(model_dir: Path, packing: bool):
+    """The model exactly as the worker trains it: the unsloth engine's load (QLoRA r=16, packed route)."""
+    from schemas.config import RunConfig
+    from tasks.engines import load_engine
 
-    Equal (to bf16 noise) means packed rows do not attend to each other."""
-    import unsloth  # noqa: F401
+    config = RunConfig.model_validate({"name": "bench", "model": {"name": str(model_dir), "load_in_4bit": True},
+                                       "train": {"engine": "unsloth", "packing": packing, "max_steps": 1}})
+    return load_engine("unsloth").load(str(model_dir), config)
+
+
+def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
+    """Is the packed path exact, and what does it save? On the unsloth engine's own model:
+
+    - kernel: varlen_causal_attention on CUDA (torch's varlen flash kernel) against each document
+      alone through SDPA (the CPU path the tests check), outputs and gradients, GQA 32/8 heads;
+    - rows: the same 8 rows packed into one sequence (trl's padding-free collator), padded into one
+      batch of 8 (the unpacked run), and one by one: summed label loss of each;
+    - speed: forward + backward of one packed micro-batch of 16k and of 64k tokens through the packed
+      route (Unsloth's decoder blocks compiled, or eager), through Unsloth's own packed path, and the
+      same tokens as dense rows of 2048."""
+    model, tokenizer = _unsloth_engine_model(model_dir, packing=True)  # imports unsloth first
     import pyarrow.parquet as pq
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-    from unsloth import FastLanguageModel
 
-    model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=2048,
-                                                         load_in_4bit=True, dtype=None)
-    model.eval()
-    rows = pq.read_table(tokenized / "train.parquet").slice(0, 8).to_pylist()
+    from tasks.engines import packed_attention
+    from unsloth.utils import attention_dispatch
+
+    out: dict = {"torch": torch.__version__, "varlen_params": sorted(packed_attention._VARLEN_PARAMS),
+                 "routed": getattr(attention_dispatch._run_attention, "sftflow_packed", False),
+                 "compiled_block_classes": sorted({type(m).__name__ for m in model.modules()
+                                                   if getattr(type(m).forward, "sftflow_packed", False)})}
+
+    # kernel
+    torch.manual_seed(0)
+    lengths = [300, 17, 1024, 5, 611, 91]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device="cuda", dtype=torch.int32)
+    total = sum(lengths)
+    q = torch.randn(total, 32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grads = []
+    for path in ("varlen", "per_document"):
+        before = packed_attention.CALLS[path]
+        if path == "varlen":
+            o = packed_attention.varlen_causal_attention(q, k, v, cu, max(lengths))
+        else:
+            o = packed_attention._per_document(q, k, v, cu, None, 0.0)
+        (o.float() * torch.linspace(-1, 1, o.numel(), device="cuda").view_as(o)).sum().backward()
+        grads.append((o.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()))
+        q.grad = k.grad = v.grad = None
+        if path == "varlen":
+            out["kernel_took_varlen"] = packed_attention.CALLS[path] == before + 1
+    out["kernel_max_abs_diff"] = {name: round(float((a - b).abs().max()), 5)
+                                  for name, a, b in zip(("out", "dq", "dk", "dv"), *grads)}
+    out["kernel_max_abs"] = round(float(grads[1][0].abs().max()), 3)
+
+    # rows
+    rows = pq.read_table(tokenized / "train.parquet").to_pylist()
     examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
     free = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+
+    def label_loss_sum(logits, labels):
+        return torch.nn.functional.cross_entropy(logits[..., :-1, :].flatten(0, -2).float(),
+                                                 labels[..., 1:].flatten(), reduction="sum", ignore_index=-100).item()
+
+    model.eval()
     with torch.no_grad():
-        packed = {k: v.cuda() for k, v in free(examples).items()}
-        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits.float()
-        packed_loss = torch.nn.functional.cross_entropy(logits[0, :-1], packed["labels"][0, 1:], reduction="sum",
-                                                        ignore_index=-100).item()
-        single_loss = 0.0
+        calls = dict(packed_attention.CALLS)
+        batch = {k: t.cuda() for k, t in free(examples[:8]).items()}
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        out["packed_loss_sum"] = round(label_loss_sum(logits, batch["labels"]), 4)
+        out["packed_forward_calls"] = {p: packed_attention.CALLS[p] - calls.get(p, 0) for p in packed_attention.CALLS}
+        batch = {k: t.cuda() for k, t in padded(examples[:8]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        out["unpacked_batch_loss_sum"] = round(label_loss_sum(logits, batch["labels"]), 4)
+        single = 0.0
+        for e in examples[:8]:
+            ids, labels = torch.tensor([e["input_ids"]], device="cuda"), torch.tensor([e["labels"]], device="cuda")
+            single += label_loss_sum(model(input_ids=ids, use_cache=False).logits, labels)
+        out["separate_loss_sum"] = round(single, 4)
+    out["relative_difference_packed_vs_separate"] = round(abs(out["packed_loss_sum"] - single) / single, 7)
+    out["relative_difference_packed_vs_unpacked_batch"] = round(
+        abs(out["packed_loss_sum"] - out["unpacked_batch_loss_sum"]) / out["unpacked_batch_loss_sum"], 7)
+
+    # the same in training mode (Unsloth compiles its decoder blocks there) and speed: forward +
+    # backward of one packed micro-batch through each path; dense_rows = the same number of tokens
+    # as unmasked rows of 2048 (the ceiling's shape, compiled blocks)
+    model.train()
+    routed = attention_dispatch._run_attention
+    modes = {"route_compiled": (True, routed), "route_eager": (False, routed),
+             "unsloth_own": (False, routed.unsloth_original), "dense_rows": (True, routed.unsloth_original)}
+    with torch.no_grad():
+        batch = {k: t.cuda() for k, t in free(examples[:8]).items()}
+        n_labels = int((batch["labels"][0, 1:] != -100).sum())
+        for name in ("route_compiled", "route_eager", "unsloth_own"):
+            packed_attention.COMPILED_BLOCKS[0], attention_dispatch._run_attention = modes[name]
+            out[f"train_mode_packed_loss_sum_{name}"] = round(model(**batch).loss.item() * n_labels, 4)
+        packed_attention.COMPILED_BLOCKS[0], attention_dispatch._run_attention = modes["route_compiled"]
+        single = 0.0
+        for e in examples[:8]:
+            ids, labels = torch.tensor([e["input_ids"]], device="cuda"), torch.tensor([e["labels"]], device="cuda")
+            single += model(input_ids=ids, labels=labels).loss.item() * int((labels[0, 1:] != -100).sum())
+        out["train_mode_separate_loss_sum"] = round(single, 4)
+    timings = {}
+    for budget in (16384, 65536):
+        chunk, used = [], 0
         for e in examples:
-            ids = torch.tensor([e["input_ids"]], device="cuda")
-            labels = torch.tensor([e["labels"]], device="cuda")
-            logits = model(input_ids=ids).logits.float()
-            single_loss += torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="sum",
-                                                             ignore_index=-100).item()
-    # the packed sequence also predicts each row's first token from the previous row's end: not a label
-    return {"packed_loss_sum": round(packed_loss, 4), "separate_loss_sum": round(single_loss, 4),
-            "relative_difference": round(abs(packed_loss - single_loss) / single_loss, 6)}
+            if used + len(e["input_ids"]) > budget:
+                break
+            chunk.append(e)
+            used += len(e["input_ids"])
+        packed_batch = {k: t.cuda() for k, t in free(chunk).items()}
+        ids = packed_batch["input_ids"][:, : used // 2048 * 2048].reshape(-1, 2048)
+        for name, (compiled, attention) in modes.items():
+            packed_attention.COMPILED_BLOCKS[0], attention_dispatch._run_attention = compiled, attention
+            batch = {"input_ids": ids, "labels": ids} if name == "dense_rows" else packed_batch
+            tokens = batch["input_ids"].numel()
+            calls = dict(packed_attention.CALLS)
+            try:
+                for i in range(5):
+                    if i == 2:
+                        torch.cuda.synchronize()
+                        t0 = time.monotonic()
+                    model(**batch).loss.backward()
+                torch.cuda.synchronize()
+                seconds = (time.monotonic() - t0) / 3
+                timings[f"{name}_{budget}"] = {"ms": round(seconds * 1000, 1), "tokens_per_s": round(tokens / seconds),
+                                                "tokens": tokens, "documents": len(chunk),
+                                                "calls": {p: packed_attention.CALLS[p] - calls.get(p, 0)
+                                                          for p in packed_attention.CALLS}}
+            except Exception as exc:  # one path's failure must not cost the others' figures
+                timings[f"{name}_{budget}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            model.zero_grad(set_to_none=True)
+    packed_attention.COMPILED_BLOCKS[0], attention_dispatch._run_attention = modes["route_compiled"]
+    out["forward_backward"] = timings
+    out["attention_calls_total"] = dict(packed_attention.CALLS)
+    return out
 
 
 def run_recipe(args) -> dict:
     work, model_dir, tokenized = Path(args.work), Path(args.model_dir), Path(args.tokenized)
     name = args.run_recipe
-    if name == "sftflow-unsloth-packed":
-        return run_sftflow(model_dir, tokenized, "unsloth", True, args.packed_batch, args.steps, work, name)
-    if name == "sftflow-hf-packed":
-        return run_sftflow(model_dir, tokenized, "hf", True, args.packed_batch, args.steps, work, name)
+    base, _, batch = name.partition("@")  # e.g. sftflow-unsloth-packed@32: 32 packed sequences per step
+    packed_batch = int(batch) if batch else args.packed_batch
+    if base == "sftflow-unsloth-packed":
+        return run_sftflow(model_dir, tokenized, "unsloth", True, packed_batch, args.steps, work, name)
+    if base == "sftflow-hf-packed":
+        return run_sftflow(model_dir, tokenized, "hf", True, packed_batch, args.steps, work, name)
     if name == "sftflow-unsloth-unpacked":
         return run_sftflow(model_dir, tokenized, "unsloth", False, 8, args.steps, work, name)
     if name == "ref-hf-padded":
@@ -367,6 +483,7 @@ def main() -> None:
                  str(args.packed_batch)],
                 capture_output=True, text=True, cwd=ROOT, timeout=900,
             )
+            (Path(args.out) / f"{recipe}.err").write_text((proc.stderr or "")[-20000:])
             result = next((json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if result is None:
                 line["error"] = (proc.stderr or proc.stdout)[-2500:]

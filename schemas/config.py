@@ -78,8 +78,12 @@ class ModelConfig(StrictModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype; auto = bfloat16 on CUDA, float32 on CPU."
     )
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel of the hf engine (Unsloth picks its own)."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel of the hf engine. auto = sdpa, except that packed rows (train.packing) are "
+        "attended per document from their restarting position_ids (torch's varlen flash kernel on CUDA), never "
+        "through a (T, T) mask. The unsloth engine routes packed rows the same way and picks its own kernel "
+        "otherwise.",
     )
 
 

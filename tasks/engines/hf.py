@@ -32,10 +32,22 @@ def lora_config(config: RunConfig):
     )
 
 
+def attn_implementation(config: RunConfig, training: bool) -> str:
+    """The `attn_implementation` to load with: auto trains packed rows through sftflow's varlen path."""
+    chosen = config.model.attn_implementation
+    if chosen != "auto":
+        return chosen
+    if training and config.train.packing:
+        from tasks.engines import packed_attention
+
+        return packed_attention.register()
+    return "sdpa"
+
+
 class HFEngine:
     name = "hf"
 
-    def _base(self, model_path: str, config: RunConfig):
+    def _base(self, model_path: str, config: RunConfig, training: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -59,7 +71,7 @@ class HFEngine:
         model = AutoModelForCausalLM.from_pretrained(
             model_path,
             dtype=dtype,
-            attn_implementation=config.model.attn_implementation,
+            attn_implementation=attn_implementation(config, training),
             trust_remote_code=config.model.trust_remote_code,
             revision=config.model.revision,
             use_safetensors=True,
@@ -72,7 +84,7 @@ class HFEngine:
 
         from tasks.tokenize import load_tokenizer
 
-        model, four_bit = self._base(model_path, config)
+        model, four_bit = self._base(model_path, config, training=True)
         if four_bit:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=config.train.gradient_checkpointing

@@ -39,6 +39,10 @@ class UnslothEngine:
             use_gradient_checkpointing="unsloth" if config.train.gradient_checkpointing else False,
             random_state=config.train.seed,
         )
+        if config.train.packing:
+            from tasks.engines.packed_attention import route_unsloth_packed_rows
+
+            route_unsloth_packed_rows(model)
         # The rows were tokenized by the parent with the plain tokenizer; keep it for saving too.
         return model, load_tokenizer(model_path, config)
 

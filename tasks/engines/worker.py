@@ -9,7 +9,8 @@ rows from the run directory and reports progress on stdout as JSON lines, one ev
     {"event": "log", "step": 45, "loss": 1.23, "learning_rate": 1e-4, "epoch": 1.1, "trained_tokens": 51234}
     {"event": "checkpoint", "step": 60}
     {"event": "eval", "step": 60, "eval_loss": 1.4}
-    {"event": "end", "global_step": 120, "train_runtime": 33.1, "trained_tokens": ..., "peak_mem_gib": ...}
+    {"event": "end", "global_step": 120, "train_runtime": 33.1, "trained_tokens": ..., "peak_mem_gib": ...,
+     "attention_calls": {"varlen": 3840}}   (the attention path each call took, see packed_attention.CALLS)
     {"event": "error", "message": "model.load_in_4bit needs CUDA ..."}   (bad input; exit status 2)
 
 Everything else (library logs, warnings) goes to stderr, which the task saves to worker.log.
@@ -98,6 +99,7 @@ def main(spec_path: str) -> None:
     from trl import SFTConfig
 
     from schemas.config import RunConfig
+    from tasks.engines import packed_attention
 
     config = RunConfig.model_validate(spec["config"])
     run_dir = Path(spec["run_dir"])
@@ -191,6 +193,7 @@ def main(spec_path: str) -> None:
         train_loss=result.training_loss,
         peak_mem_gib=round(peak_memory_gib(), 3),
         adapter_dir=str(final),
+        attention_calls=dict(packed_attention.CALLS),
     )
 
 

@@ -1,0 +1,274 @@
+"""Attention over packed rows from document boundaries, never through a materialised mask.
+
+With `train.packing`, trl's padding-free collator concatenates a micro-batch into one row (1, T)
+whose position_ids restart at 0 where each document starts. Masking that row for SDPA takes a
+(T, T) block-diagonal mask: quadratic memory, and work that is almost all masked out. Here the
+restarts become cu_seqlens (flash attention's varlen layout) and causal attention runs inside each
+document only:
+
+- CUDA, fp16/bf16: torch's varlen flash kernel (`torch.nn.attention.varlen.varlen_attn`), one call
+  for the whole row;
+- anywhere else (the CPU tests, fp32): each document alone through causal SDPA.
+
+Both engines send packed rows here. The hf engine names ATTN_IMPLEMENTATION as its
+`attn_implementation` (registered with transformers' AttentionInterface by `register`); Unsloth's
+Llama attention calls Unsloth's own dispatcher, which `route_unsloth_packed_rows` wraps. Anything
+that is not a mask-free packed row (a padding mask, a KV cache, a sliding window) takes the usual
+path. CALLS counts the path each attention call took, so a run can show which kernel trained.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import sys
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "sftflow_varlen"
+CALLS: Counter = Counter()  # varlen | per_document | unpacked (hf, not a packed row) | unsloth (Unsloth's own path)
+
+# flash attention 2's varlen backward indexes its dq accumulator with int32 and faults past this
+_INT32_ELEMENTS = 2**31
+
+
+def _load_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+_VARLEN, _VARLEN_PARAMS = _load_varlen()
+_bounds_cache: tuple[torch.Tensor, tuple[torch.Tensor, int] | None] | None = None
+
+
+def document_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(cu_seqlens int32 [n_docs + 1], longest document) of a packed row, whose positions restart at
+    0 where each document starts; None unless the row is (1, T) and holds more than one document.
+
+    Every layer of a forward pass gets the same position_ids tensor, so the boundaries (one device
+    read) are computed once per pass."""
+    global _bounds_cache
+    if _bounds_cache is not None and _bounds_cache[0] is position_ids:
+        return _bounds_cache[1]
+    result = None
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        row = position_ids[0]
+        starts = (row == 0).nonzero().flatten()
+        if starts.numel() > 1 and int(starts[0]) == 0:
+            total = torch.tensor([row.numel()], device=row.device)
+            cu_seqlens = torch.cat([starts, total]).to(torch.int32)
+            result = (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+    _bounds_cache = (position_ids, result)
+    return result
+
+
+def _varlen_fits(query: torch.Tensor, n_docs: int, dropout: float) -> bool:
+    if _VARLEN is None or not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or dropout:
+        return False
+    total, heads, head_dim = query.shape
+    if head_dim > 256 or head_dim % 8:
+        return False
+    rounded = (head_dim + 31) // 32 * 32
+    return (total + 128 * n_docs) * heads * rounded < _INT32_ELEMENTS
+
+
+def _varlen(query, key, value, cu_seqlens, max_seqlen, scale):
+    kwargs: dict[str, Any] = {}
+    if "window_size" in _VARLEN_PARAMS:  # torch >= 2.11: causal = no window to the right
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if scale is not None:
+        if "scale" in _VARLEN_PARAMS:
+            kwargs["scale"] = scale
+        else:
+            query = query * (scale * math.sqrt(query.shape[-1]))
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in _VARLEN_PARAMS:  # torch >= 2.12
+            kwargs["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    cu_seqlens = cu_seqlens.to(device=query.device, dtype=torch.int32)
+    return _VARLEN(query.contiguous(), key.contiguous(), value.contiguous(), cu_seqlens, cu_seqlens,
+                   max_seqlen, max_seqlen, **kwargs)
+
+
+def _per_document(query, key, value, cu_seqlens, scale, dropout):
+    bounds = cu_seqlens.tolist()
+    gqa = key.shape[1] != query.shape[1]
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))  # (heads, length, dim)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=gqa)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int, scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention within each document of a packed row.
+
+    query (T, H, D), key and value (T, H_kv, D) with H a multiple of H_kv; cu_seqlens (n_docs + 1)
+    cumulative document lengths, from 0 to T. Returns (T, H, D). No token sees another document."""
+    if _varlen_fits(query, cu_seqlens.numel() - 1, dropout):
+        CALLS["varlen"] += 1
+        return _varlen(query, key, value, cu_seqlens, max_seqlen, scale)
+    CALLS["per_document"] += 1
+    return _per_document(query, key, value, cu_seqlens, scale, dropout)
+
+
+# ------------------------------------------------------------------ hf engine: transformers' interface
+
+
+def _masked_sdpa(query, key, value, attention_mask, scaling, dropout):
+    """Rows that are not packed: causal SDPA, with the 2D padding mask when there is one."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    gqa = key.shape[1] != query.shape[1]
+    if attention_mask is None and q_len == kv_len:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, dropout_p=dropout,
+                                             enable_gqa=gqa)
+    else:
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
+        if attention_mask is not None:
+            keep = keep & attention_mask[:, None, None, :].to(torch.bool)
+        keep = keep | ~keep.any(dim=-1, keepdim=True)  # a padding query sees nothing: any finite row beats NaN
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scaling, dropout_p=dropout,
+                                             enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()
+
+
+def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: query (B, H, T, D), key/value (B, H_kv, S, D) ->
+    ((B, T, H, D), no weights). The mask is what `flash_attention_mask` builds: None, or (B, S)
+    padding."""
+    bounds = None
+    if attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2]:
+        bounds = document_boundaries(position_ids)
+    if bounds is None:
+        CALLS["unpacked"] += 1
+        return _masked_sdpa(query, key, value, attention_mask, scaling, dropout), None
+    cu_seqlens, longest = bounds
+    out = varlen_causal_attention(query.squeeze(0).transpose(0, 1), key.squeeze(0).transpose(0, 1),
+                                  value.squeeze(0).transpose(0, 1), cu_seqlens, longest, scale=scaling,
+                                  dropout=dropout)
+    return out.unsqueeze(0), None
+
+
+def register() -> str:
+    """Make ATTN_IMPLEMENTATION a valid `attn_implementation` for transformers; returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    # like flash attention: no (T, T) mask is ever built; a padded batch passes its 2D mask through
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+    return ATTN_IMPLEMENTATION
+
+
+# ------------------------------------------------------------ unsloth engine: Unsloth's own dispatcher
+
+# (cu_seqlens, longest, T) of the packed row that Unsloth's compiled decoder blocks are running
+_packed_row: list = [None]
+# False: packed rows keep Unsloth's eager decoder blocks (bench/train_gpu.py compares both)
+COMPILED_BLOCKS = [True]
+
+
+def _plain_causal(config, context, Q: torch.Tensor, K: torch.Tensor) -> bool:
+    flash = config.flash_varlen_kwargs or {}
+    return (
+        context.attention_mask is None
+        and getattr(context, "prefix_seg_info", None) is None
+        and getattr(context, "sliding_window", None) is None
+        and getattr(context, "is_causal", True)
+        and Q.shape[0] == 1
+        and Q.shape[-2] == K.shape[-2]  # no KV cache
+        and Q.is_cuda
+        and Q.dtype in (torch.float16, torch.bfloat16)
+        and set(flash) <= {"dropout_p", "causal", "softmax_scale"}
+        and not flash.get("dropout_p")
+        and flash.get("causal", True)
+        and set(config.sdpa_kwargs or {}) <= {"scale"}
+    )
+
+
+def _blocks_forward(inner, packed_info, cover):
+    """A decoder block's forward that hides a packed row from Unsloth's per-block torch.compile.
+
+    Unsloth compiles each decoder block for training but runs a block eagerly when it is handed
+    `packed_seq_lengths` (its packed attention reads lengths on the host). The boundaries are set
+    aside here for `run_attention` (which runs outside the compiled graph) and the block compiles
+    as for a plain row; position_ids still carry the restarting positions for RoPE."""
+
+    @functools.wraps(inner)  # keeps Unsloth's marks, so it does not wrap the class again
+    def forward(self, hidden_states, *args, **kwargs):
+        if kwargs.get("packed_seq_lengths") is None or not COMPILED_BLOCKS[0] or not self.training \
+                or hidden_states.shape[0] != 1:
+            _packed_row[0] = None
+            return inner(self, hidden_states, *args, **kwargs)
+        total = hidden_states.shape[1]
+        cu_seqlens, longest = cover(packed_info(kwargs, hidden_states.device), total)  # cached per batch
+        _packed_row[0] = (cu_seqlens, longest, total)
+        return inner(self, hidden_states, *args, **{k: v for k, v in kwargs.items() if k != "packed_seq_lengths"})
+
+    forward.sftflow_packed = True
+    return forward
+
+
+def route_unsloth_packed_rows(model) -> dict:
+    """Send the packed rows of Unsloth's Llama-style attention to `varlen_causal_attention`.
+
+    Unsloth 2026.10 takes torch's varlen kernel only when it has `enable_gqa` (torch >= 2.12); on
+    older torch, without flash-attn or xformers, it runs one SDPA call per run of equal-length
+    documents (per document, for real data), and its decoder blocks run eagerly, not compiled, for
+    packed rows. This wraps Unsloth's attention dispatcher (packed rows known from its `seq_info`,
+    built from the same restarting position_ids, or set aside by the block wrapper) and the forward
+    of each block class Unsloth compiles. Returns what was routed; with a warning, nothing when this
+    Unsloth has no such dispatcher (packed rows then stay exact, only slower)."""
+    try:
+        from unsloth.utils import attention_dispatch
+        from unsloth.utils.packing import cover_padded_cu_seqlens, get_packed_info_from_kwargs
+    except ImportError as exc:
+        print(f"sftflow: packed rows take Unsloth's own attention path ({exc})", file=sys.stderr)
+        return {"attention": False, "compiled_blocks": []}
+
+    original = attention_dispatch._run_attention
+    if not getattr(original, "sftflow_packed", False):
+
+        @torch.compiler.disable  # host-side boundaries: a graph break, never a recompile per batch
+        def run_attention(*, config, context, Q, K, V):
+            row = None
+            if _plain_causal(config, context, Q, K):
+                if context.seq_info is not None:  # the collator's pad tail, if any, becomes a document
+                    row = cover_padded_cu_seqlens(context.seq_info, Q.shape[-2])
+                elif _packed_row[0] is not None and _packed_row[0][2] == Q.shape[-2]:
+                    row = _packed_row[0][:2]
+            if row is None:
+                CALLS["unsloth"] += 1
+                return original(config=config, context=context, Q=Q, K=K, V=V)
+            scale = (config.flash_varlen_kwargs or {}).get("softmax_scale", (config.sdpa_kwargs or {}).get("scale"))
+            # (1, H, T, D) -> (T, H, D); squeeze, not [0], whose backward zero-fills a whole new gradient
+            out = varlen_causal_attention(*(x.squeeze(0).transpose(0, 1) for x in (Q, K, V)), *row, scale=scale)
+            return out.unsqueeze(0)  # Unsloth expects (1, T, H, D)
+
+        run_attention.sftflow_packed = True
+        run_attention.unsloth_original = original  # the benchmark times both
+        attention_dispatch._run_attention = run_attention
+
+    blocks = []
+    for module in model.modules():
+        cls = type(module)
+        if getattr(cls.forward, "_unsloth_block_compiled", False) and cls.__name__ not in blocks:
+            if not getattr(cls.forward, "sftflow_packed", False):
+                cls.forward = _blocks_forward(cls.forward, get_packed_info_from_kwargs, cover_padded_cu_seqlens)
+            blocks.append(cls.__name__)
+    return {"attention": True, "compiled_blocks": blocks}
