@@ -300,8 +300,7 @@ def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
     - rows: the same 8 rows packed into one sequence (trl's padding-free collator), padded into one
       batch of 8 (the unpacked run), and one by one: summed label loss of each;
     - speed: forward + backward of one packed micro-batch of 16k and of 64k tokens through the packed
-      route (Unsloth's decoder blocks compiled, or eager), through Unsloth's own packed path, and the
-      same tokens as dense rows of 2048."""
+      route, through Unsloth's own packed path, and the same tokens as dense rows of 2048."""
     model, tokenizer = _unsloth_engine_model(model_dir, packing=True)  # imports unsloth first
     import pyarrow.parquet as pq
     import torch
@@ -311,9 +310,7 @@ def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
     from unsloth.utils import attention_dispatch
 
     out: dict = {"torch": torch.__version__, "varlen_params": sorted(packed_attention._VARLEN_PARAMS),
-                 "routed": getattr(attention_dispatch._run_attention, "sftflow_packed", False),
-                 "compiled_block_classes": sorted({type(m).__name__ for m in model.modules()
-                                                   if getattr(type(m).forward, "sftflow_packed", False)})}
+                 "routed": getattr(attention_dispatch._run_attention, "sftflow_packed", False)}
 
     # kernel
     torch.manual_seed(0)
@@ -368,20 +365,19 @@ def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
     out["relative_difference_packed_vs_unpacked_batch"] = round(
         abs(out["packed_loss_sum"] - out["unpacked_batch_loss_sum"]) / out["unpacked_batch_loss_sum"], 7)
 
-    # the same in training mode (Unsloth compiles its decoder blocks there) and speed: forward +
-    # backward of one packed micro-batch through each path; dense_rows = the same number of tokens
-    # as unmasked rows of 2048 (the ceiling's shape, compiled blocks)
+    # the same in training mode and speed: forward + backward of one packed micro-batch through each
+    # path; dense_rows = the same number of tokens as unmasked rows of 2048 (the ceiling's shape,
+    # for which Unsloth compiles its decoder blocks)
     model.train()
     routed = attention_dispatch._run_attention
-    modes = {"route_compiled": (True, routed), "route_eager": (False, routed),
-             "unsloth_own": (False, routed.unsloth_original), "dense_rows": (True, routed.unsloth_original)}
+    modes = {"route": routed, "unsloth_own": routed.unsloth_original, "dense_rows": routed.unsloth_original}
     with torch.no_grad():
         batch = {k: t.cuda() for k, t in free(examples[:8]).items()}
         n_labels = int((batch["labels"][0, 1:] != -100).sum())
-        for name in ("route_compiled", "route_eager", "unsloth_own"):
-            packed_attention.COMPILED_BLOCKS[0], attention_dispatch._run_attention = modes[name]
+        for name in ("route", "unsloth_own"):
+            attention_dispatch._run_attention = modes[name]
             out[f"train_mode_packed_loss_sum_{name}"] = round(model(**batch).loss.item() * n_labels, 4)
-        packed_attention.COMPILED_BLOCKS[0], attention_dispatch._run_attention = modes["route_compiled"]
+        attention_dispatch._run_attention = routed
         single = 0.0
         for e in examples[:8]:
             ids, labels = torch.tensor([e["input_ids"]], device="cuda"), torch.tensor([e["labels"]], device="cuda")
@@ -397,8 +393,8 @@ def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
             used += len(e["input_ids"])
         packed_batch = {k: t.cuda() for k, t in free(chunk).items()}
         ids = packed_batch["input_ids"][:, : used // 2048 * 2048].reshape(-1, 2048)
-        for name, (compiled, attention) in modes.items():
-            packed_attention.COMPILED_BLOCKS[0], attention_dispatch._run_attention = compiled, attention
+        for name, attention in modes.items():
+            attention_dispatch._run_attention = attention
             batch = {"input_ids": ids, "labels": ids} if name == "dense_rows" else packed_batch
             tokens = batch["input_ids"].numel()
             calls = dict(packed_attention.CALLS)
@@ -417,7 +413,7 @@ def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
             except Exception as exc:  # one path's failure must not cost the others' figures
                 timings[f"{name}_{budget}"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             model.zero_grad(set_to_none=True)
-    packed_attention.COMPILED_BLOCKS[0], attention_dispatch._run_attention = modes["route_compiled"]
+    attention_dispatch._run_attention = routed
     out["forward_backward"] = timings
     out["attention_calls_total"] = dict(packed_attention.CALLS)
     return out

@@ -19,7 +19,6 @@ path. CALLS counts the path each attention call took, so a run can show which ke
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import sys
@@ -177,16 +176,12 @@ def register() -> str:
 
 # ------------------------------------------------------------ unsloth engine: Unsloth's own dispatcher
 
-# (cu_seqlens, longest, T) of the packed row that Unsloth's compiled decoder blocks are running
-_packed_row: list = [None]
-# False: packed rows keep Unsloth's eager decoder blocks (bench/train_gpu.py compares both)
-COMPILED_BLOCKS = [True]
 
-
-def _plain_causal(config, context, Q: torch.Tensor, K: torch.Tensor) -> bool:
+def _unsloth_packed_row(config, context, Q: torch.Tensor, K: torch.Tensor) -> bool:
     flash = config.flash_varlen_kwargs or {}
     return (
-        context.attention_mask is None
+        context.seq_info is not None
+        and context.attention_mask is None
         and getattr(context, "prefix_seg_info", None) is None
         and getattr(context, "sliding_window", None) is None
         and getattr(context, "is_causal", True)
@@ -201,74 +196,39 @@ def _plain_causal(config, context, Q: torch.Tensor, K: torch.Tensor) -> bool:
     )
 
 
-def _blocks_forward(inner, packed_info, cover):
-    """A decoder block's forward that hides a packed row from Unsloth's per-block torch.compile.
-
-    Unsloth compiles each decoder block for training but runs a block eagerly when it is handed
-    `packed_seq_lengths` (its packed attention reads lengths on the host). The boundaries are set
-    aside here for `run_attention` (which runs outside the compiled graph) and the block compiles
-    as for a plain row; position_ids still carry the restarting positions for RoPE."""
-
-    @functools.wraps(inner)  # keeps Unsloth's marks, so it does not wrap the class again
-    def forward(self, hidden_states, *args, **kwargs):
-        if kwargs.get("packed_seq_lengths") is None or not COMPILED_BLOCKS[0] or not self.training \
-                or hidden_states.shape[0] != 1:
-            _packed_row[0] = None
-            return inner(self, hidden_states, *args, **kwargs)
-        total = hidden_states.shape[1]
-        cu_seqlens, longest = cover(packed_info(kwargs, hidden_states.device), total)  # cached per batch
-        _packed_row[0] = (cu_seqlens, longest, total)
-        return inner(self, hidden_states, *args, **{k: v for k, v in kwargs.items() if k != "packed_seq_lengths"})
-
-    forward.sftflow_packed = True
-    return forward
-
-
-def route_unsloth_packed_rows(model) -> dict:
-    """Send the packed rows of Unsloth's Llama-style attention to `varlen_causal_attention`.
+def route_unsloth_packed_rows() -> bool:
+    """Send Unsloth's packed rows (its `seq_info`, built from the same restarting position_ids) to
+    `varlen_causal_attention`.
 
     Unsloth 2026.10 takes torch's varlen kernel only when it has `enable_gqa` (torch >= 2.12); on
     older torch, without flash-attn or xformers, it runs one SDPA call per run of equal-length
-    documents (per document, for real data), and its decoder blocks run eagerly, not compiled, for
-    packed rows. This wraps Unsloth's attention dispatcher (packed rows known from its `seq_info`,
-    built from the same restarting position_ids, or set aside by the block wrapper) and the forward
-    of each block class Unsloth compiles. Returns what was routed; with a warning, nothing when this
-    Unsloth has no such dispatcher (packed rows then stay exact, only slower)."""
+    documents: per document, for real data (5x slower than this on the H200, see bench/RESULTS.md).
+    Unsloth runs its decoder blocks eagerly, not compiled, for packed rows; measured, compiling
+    them around this kernel gained nothing. Returns whether the route is in place (False, with a
+    warning, if this Unsloth has no such dispatcher: packed rows then stay exact, only slower)."""
     try:
         from unsloth.utils import attention_dispatch
-        from unsloth.utils.packing import cover_padded_cu_seqlens, get_packed_info_from_kwargs
+        from unsloth.utils.packing import cover_padded_cu_seqlens
     except ImportError as exc:
         print(f"sftflow: packed rows take Unsloth's own attention path ({exc})", file=sys.stderr)
-        return {"attention": False, "compiled_blocks": []}
-
+        return False
     original = attention_dispatch._run_attention
-    if not getattr(original, "sftflow_packed", False):
+    if getattr(original, "sftflow_packed", False):
+        return True
 
-        @torch.compiler.disable  # host-side boundaries: a graph break, never a recompile per batch
-        def run_attention(*, config, context, Q, K, V):
-            row = None
-            if _plain_causal(config, context, Q, K):
-                if context.seq_info is not None:  # the collator's pad tail, if any, becomes a document
-                    row = cover_padded_cu_seqlens(context.seq_info, Q.shape[-2])
-                elif _packed_row[0] is not None and _packed_row[0][2] == Q.shape[-2]:
-                    row = _packed_row[0][:2]
-            if row is None:
-                CALLS["unsloth"] += 1
-                return original(config=config, context=context, Q=Q, K=K, V=V)
-            scale = (config.flash_varlen_kwargs or {}).get("softmax_scale", (config.sdpa_kwargs or {}).get("scale"))
-            # (1, H, T, D) -> (T, H, D); squeeze, not [0], whose backward zero-fills a whole new gradient
-            out = varlen_causal_attention(*(x.squeeze(0).transpose(0, 1) for x in (Q, K, V)), *row, scale=scale)
-            return out.unsqueeze(0)  # Unsloth expects (1, T, H, D)
+    def run_attention(*, config, context, Q, K, V):
+        if not _unsloth_packed_row(config, context, Q, K):
+            CALLS["unsloth"] += 1
+            return original(config=config, context=context, Q=Q, K=K, V=V)
+        # the collator's pad tail, if any, becomes a document of its own
+        cu_seqlens, longest = cover_padded_cu_seqlens(context.seq_info, Q.shape[-2])
+        scale = (config.flash_varlen_kwargs or {}).get("softmax_scale", (config.sdpa_kwargs or {}).get("scale"))
+        # (1, H, T, D) -> (T, H, D); squeeze, not [0], whose backward zero-fills a whole new gradient
+        out = varlen_causal_attention(*(x.squeeze(0).transpose(0, 1) for x in (Q, K, V)), cu_seqlens, longest,
+                                      scale=scale)
+        return out.unsqueeze(0)  # Unsloth expects (1, T, H, D)
 
-        run_attention.sftflow_packed = True
-        run_attention.unsloth_original = original  # the benchmark times both
-        attention_dispatch._run_attention = run_attention
-
-    blocks = []
-    for module in model.modules():
-        cls = type(module)
-        if getattr(cls.forward, "_unsloth_block_compiled", False) and cls.__name__ not in blocks:
-            if not getattr(cls.forward, "sftflow_packed", False):
-                cls.forward = _blocks_forward(cls.forward, get_packed_info_from_kwargs, cover_padded_cu_seqlens)
-            blocks.append(cls.__name__)
-    return {"attention": True, "compiled_blocks": blocks}
+    run_attention.sftflow_packed = True
+    run_attention.unsloth_original = original  # the benchmark times both
+    attention_dispatch._run_attention = run_attention
+    return True

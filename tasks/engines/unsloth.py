@@ -42,7 +42,7 @@ class UnslothEngine:
         if config.train.packing:
             from tasks.engines.packed_attention import route_unsloth_packed_rows
 
-            route_unsloth_packed_rows(model)
+            route_unsloth_packed_rows()
         # The rows were tokenized by the parent with the plain tokenizer; keep it for saving too.
         return model, load_tokenizer(model_path, config)
 
