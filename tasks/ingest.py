@@ -96,7 +96,7 @@ class CanonicalRow(NamedTuple):
 
 def check_drop_id(drop_id: str) -> str:
     """A drop id names a directory in the workspace, so it must not be able to escape it."""
-    if not DROP_ID_PATTERN.match(drop_id) or ".." in drop_id:
+    if not DROP_ID_PATTERN.fullmatch(drop_id) or ".." in drop_id:
         raise DropError(
             f"drop id {drop_id!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', starting with a "
             "letter or digit, with no '..' and no '/' (e.g. --drop-id 2026-11-orders)"
@@ -119,6 +119,23 @@ def _suffix(path: str) -> str:
     return Path(name).suffix
 
 
+def refuse_escaping_links(path: Path) -> None:
+    """A local drop must not lead outside itself: a symlink (to a file or a directory) whose target is
+    outside the drop directory is refused, never followed. A file named directly counts its own
+    directory as the drop."""
+    root = (path if path.is_dir() else path.parent).resolve()
+    candidates = [path] if not path.is_dir() else []
+    if path.is_dir():
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+            candidates += [Path(dirpath) / name for name in [*dirnames, *filenames]]
+    for candidate in candidates:
+        if candidate.is_symlink() and not candidate.resolve().is_relative_to(root):
+            raise DropError(
+                f"{candidate}: a symlink to {os.readlink(candidate)}, outside the drop directory {root}; "
+                "symlinks out of a drop are never followed: copy the file into the drop instead"
+            )
+
+
 def list_drop_files(paths: list[str]) -> list[str]:
     """Expand each PATH (file or directory, local or fsspec URL) to the data files it holds, sorted.
 
@@ -132,6 +149,8 @@ def list_drop_files(paths: list[str]) -> list[str]:
             raise DropError(f"{path}: no such file or directory; pass a file or a directory of data files")
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+        if prefix == "":
+            refuse_escaping_links(Path(fs_path))
         if fs.isdir(fs_path):
             found = sorted(
                 p
@@ -237,8 +256,15 @@ class _SkipBOM:
 _RECORD_KEYS = {"messages", "conversations", "instruction", "input", "output", "system", "prompt", "completion"}
 
 
+TOO_DEEP = "too_deeply_nested"
+TOO_DEEP_DETAIL = "nests lists/objects more than 255 levels deep; flatten it (no instruction format needs that)"
+
+
 def _dump_raw(value: Any) -> str:
-    return orjson.dumps(value, default=str).decode()
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except orjson.JSONEncodeError:  # deeper than orjson writes: the row is rejected where it is used
+        return f"<a value that {TOO_DEEP_DETAIL.split(';')[0]}>"
 
 
 def _next(events: Iterator[tuple[str, str, Any]]) -> tuple[str, str, Any]:
@@ -385,14 +411,29 @@ def read_parquet(fh: io.BufferedIOBase, batch_rows: int) -> Iterator[RawRecord]:
     index = 0
     try:
         for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows):
-            for value in batch.to_pylist():
+            try:
+                values = batch.to_pylist()
+            except UnicodeDecodeError:  # a corrupt string somewhere in the batch: find its rows
+                values = [_parquet_row(batch, i) for i in range(batch.num_rows)]
+            for value in values:
                 index += 1
-                yield RawRecord(index, _dump_raw(value), value)
-    except (pa.ArrowException, OSError) as exc:
+                if isinstance(value, RawRecord):
+                    yield value._replace(source_row=index)
+                else:
+                    yield RawRecord(index, _dump_raw(value), value)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # corrupt pages, footer or schema names
         index += 1
         yield RawRecord(
             index, "", None, ("unreadable_file",), f"Parquet file unreadable after {index - 1} rows: {exc}"
         )
+
+
+def _parquet_row(batch: pa.RecordBatch, i: int) -> Any:
+    try:
+        return batch.slice(i, 1).to_pylist()[0]
+    except UnicodeDecodeError as exc:
+        return RawRecord(0, "", None, ("invalid_utf8",),
+                         f"a string in this row is not valid UTF-8 ({exc.reason}); rewrite the file with valid UTF-8 text")
 
 
 def iter_file_records(url: str, batch_rows: int) -> Iterator[RawRecord]:
@@ -547,7 +588,11 @@ def _turns(record: dict, field: str, role_key: str, content_key: str, problems: 
         calls = turn.get("tool_calls") or turn.get("function_call")
         if content in (None, "") and calls:
             # An assistant turn that only calls tools: its content is the calls, as JSON.
-            text = orjson.dumps(calls, option=orjson.OPT_SORT_KEYS).decode()
+            try:
+                text = orjson.dumps(calls, option=orjson.OPT_SORT_KEYS).decode()
+            except orjson.JSONEncodeError:
+                problems.add(TOO_DEEP, f"{where}: tool_calls {TOO_DEEP_DETAIL}")
+                continue
         elif content is None:
             problems.add(f"missing_field:{content_key}", f"{where} has no {content_key!r}")
             continue
@@ -612,7 +657,11 @@ def _tools_json(tools: Any, problems: _Problems) -> str | None:
     if not isinstance(tools, (list, dict)):
         problems.add("wrong_type:tools", f"field 'tools' is {type(tools).__name__}, expected a JSON list of tools")
         return None
-    return orjson.dumps(tools, option=orjson.OPT_SORT_KEYS).decode()
+    try:
+        return orjson.dumps(tools, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:
+        problems.add(TOO_DEEP, f"field 'tools' {TOO_DEEP_DETAIL}")
+        return None
 
 
 def row_id(messages: list[Message], tools: str | None) -> str:
