@@ -33,7 +33,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/sftflow demo
 
+# The dashboard test drives headless Chromium (Debian's package, installed when missing).
 test: $(STAMP)
+	bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -q
 
 clean:

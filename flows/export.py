@@ -24,7 +24,7 @@ def export_gguf(run_id: str, quants: list[str] | None) -> dict:
     summary = export_run(run_dir_of(workspace, run_id), workspace, quants, log=logger.info)
     create_table_artifact(
         key="gguf-parity",
-        table=[{"gguf": kind, **{k: v for k, v in result.items()}} for kind, result in summary["parity"].items()],
+        table=[{"gguf": kind, **result} for kind, result in summary["parity"].items()],
         description=f"{run_id}: GGUF parity against the merged HF model (control: base without adapter)",
     )
     return summary

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
 from schemas.config import IngestConfig
-from sftflow.atomic import read_json
+from sftflow.atomic import exclusive_lock, read_json
 from sftflow.errors import DropError, DropRejectedError
 from sftflow.workspace import Workspace
 from tasks.format import current_version, write_dataset_version
@@ -53,15 +53,33 @@ def find_ingested(workspace: Workspace, drop_id: str, fingerprint: str) -> dict 
 
 
 @flow(name="ingest_drop")
-def ingest_drop(paths: list[str], drop_id: str | None = None, config: IngestConfig | None = None) -> dict:
-    """Read, validate and format one drop; returns the drop report (also at drops/<id>/report.json)."""
+def ingest_drop(paths: list[str], drop_id: str | None = None, config: IngestConfig | None = None,
+                announce: bool = True) -> dict:
+    """Read, validate and format one drop; returns the drop report (also at drops/<id>/report.json).
+
+    A new dataset version is announced with the event `sftflow.dataset.updated` (which triggers the
+    pipeline deployment) unless `announce` is off, as when `sft_pipeline` ingests and trains itself.
+    """
     logger = get_run_logger()
     config = config or IngestConfig()
     workspace = Workspace.from_env().ensure()
     files = list_drop_files(paths)
     fingerprint = fingerprint_files(files)
     drop_id = check_drop_id(drop_id or default_drop_id(paths, fingerprint))
+    # One ingest per drop id at a time: a drop announced twice is ingested once, then is a no-op.
+    with exclusive_lock(workspace.drops / f".{drop_id}.lock"):
+        report = _ingest(workspace, files, fingerprint, drop_id, config, logger)
+    if announce and report["dataset_changed"] and not report.get("noop"):
+        emit_event(
+            event="sftflow.dataset.updated",
+            resource={"prefect.resource.id": f"sftflow.dataset.{report['dataset_version']}"},
+            payload={"dataset_version": report["dataset_version"], "drop_id": drop_id, "rows": report["dataset_rows"]},
+        )
+    return report
 
+
+def _ingest(workspace: Workspace, files: list[str], fingerprint: str, drop_id: str, config: IngestConfig,
+            logger) -> dict:
     previous = find_ingested(workspace, drop_id, fingerprint)
     if previous is not None:
         logger.info("drop %s was ingested before with the same content: nothing to do", drop_id)
@@ -129,11 +147,4 @@ def ingest_drop(paths: list[str], drop_id: str | None = None, config: IngestConf
                                    config.quarantine_examples)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-    if report["dataset_changed"]:
-        emit_event(
-            event="sftflow.dataset.updated",
-            resource={"prefect.resource.id": f"sftflow.dataset.{report['dataset_version']}"},
-            payload={"dataset_version": report["dataset_version"], "drop_id": drop_id, "rows": report["dataset_rows"]},
-        )
     return {**report, "noop": False}

@@ -8,6 +8,7 @@ fix; a drop rejected by its contract exits with status 1 (its report is still pr
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,8 +281,6 @@ def serve(
     port: Annotated[int, typer.Option(help="Loopback port.")] = 8000,
 ) -> None:
     """Serve a published model's GGUF as an OpenAI-compatible chat API on 127.0.0.1 (llama-cpp-python's server)."""
-    import os
-
     from tasks.serve import published_gguf, server_command
 
     try:
@@ -319,55 +318,184 @@ def datasets(as_json: JsonOption = False) -> None:
     _emit({"current": current.name if current else None, "versions": versions}, as_json, human)
 
 
+def _chat_hint(published: dict | None, workspace: Workspace) -> str:
+    if not published:
+        return "sftflow chat   (talks to the champion, if there is one)"
+    ref = f"{published['name']}@{published['version']}"
+    return (f"sftflow chat --model {ref}   (the GGUF through llama.cpp)\n"
+            f"  or with peft: PeftModel.from_pretrained(base, '{published['path']}/adapter')")
+
+
+def _pipeline_summary(result: dict, workspace: Workspace) -> str:
+    lines = [_ingest_summary(d | {"dataset_rows": result.get("dataset_rows", {"train": "?", "eval": "?"}),
+                                  "held_back": 0, "files": []}) for d in result["drops"]]
+    if result.get("reason"):
+        lines.append(f"\n{result['reason']}")
+    if training := result.get("training"):
+        lines.append(f"\ntraining run {training['run_id']} ({training['engine']} engine): loss "
+                     f"{training['loss_first']:.3f} -> {training['loss_last']:.3f} in {training['global_step']} steps")
+        lines.append(f"  adapter: {training['adapter_dir']}")
+    if evaluation := result.get("evaluation"):
+        for model, scores in evaluation["scores"].items():
+            lines.append(f"  {model:<9} eval loss {scores['eval_loss']:.3f}  rouge-L {scores['rouge_l']:.3f}  "
+                         f"chrF {scores['chrf']:.1f}")
+        lines.append(f"  decision: {'promote' if evaluation['decision']['promote'] else 'keep'} "
+                     f"({evaluation['decision']['reason']})")
+    for kind, p in (result.get("gguf") or {}).get("parity", {}).items():
+        lines.append(f"  gguf {kind:<17} KL {p['kl']:.1e}  top-1 {p['top1']:.3f}  greedy {p['greedy_match']:.3f}")
+    if published := result.get("published"):
+        lines.append(f"\npublished {published['name']} {published['version']} "
+                     f"({'champion' if published['promoted'] else 'not promoted'}): {published['path']}")
+    lines.append(f"\nworkspace: {workspace.root}")
+    lines.append("chat with it: " + _chat_hint(published, workspace))
+    return "\n".join(lines)
+
+
 @app.command()
 def demo(as_json: JsonOption = False) -> None:
-    """Run the pipeline on the bundled sample drops with the tiny local model and no server: ingest
-    every drop in data/drops, fine-tune a LoRA adapter (flows/configs/tiny_cpu.yaml), evaluate it
-    against the base (and the champion), export GGUF files with parity checks, publish to the registry."""
-    from schemas.config import load_run_config
-
-    drops = sorted(p for p in SAMPLE_DROPS.iterdir() if p.is_dir())
-    results = []
+    """Run the whole pipeline (flow sft_pipeline) on the bundled sample drops with the tiny local model
+    and no server: ingest every drop in data/drops, fine-tune a LoRA adapter (flows/configs/tiny_cpu.yaml),
+    evaluate it against the base (and the champion), export GGUF files with parity checks, publish."""
+    drops = sorted(str(p) for p in SAMPLE_DROPS.iterdir() if p.is_dir())
     try:
-        config = load_run_config(DEMO_CONFIG)
-        with _flow_session():
-            from flows.evaluate import evaluate_adapter
-            from flows.export import export_model
-            from flows.ingest import ingest_drop
-            from flows.publish import publish_model
-            from flows.train import train_adapter
+        with _flow_session() as workspace:
+            from flows.pipeline import sft_pipeline
 
-            for drop in drops:
-                results.append(ingest_drop(paths=[str(drop)], drop_id=f"sample-{drop.name}"))
-            training = train_adapter(config=config)
-            evaluation = evaluate_adapter(run_id=training["run_id"])
-            exported = export_model(run_id=training["run_id"])
-            published = publish_model(run_id=training["run_id"])
+            result = sft_pipeline(drops=drops, config=str(DEMO_CONFIG))
     except SftflowError as exc:
         _fail(exc)
-    final = results[-1]
-    summary = {
-        "drops": [{k: r.get(k) for k in INGEST_KEYS if k != "files"} for r in results],
-        "dataset_version": final["dataset_version"],
-        "dataset_rows": final["dataset_rows"],
-        "training": training,
-        "evaluation": {k: evaluation[k] for k in ("scores", "decision")},
-        "gguf_parity": exported["parity"],
-        "published": published,
-        "workspace": str(Workspace.from_env().root),
-    }
-    human = "\n".join(_ingest_summary(r) for r in results) + (
-        f"\n\ntraining run {training['run_id']} ({training['engine']} engine): loss {training['loss_first']:.3f} -> "
-        f"{training['loss_last']:.3f} in {training['global_step']} steps\n"
-        f"  adapter: {training['adapter_dir']}\n"
-        + "".join(f"  {m:<9} eval loss {s['eval_loss']:.3f}  rouge-L {s['rouge_l']:.3f}  chrF {s['chrf']:.1f}\n"
-                  for m, s in evaluation["scores"].items())
-        + f"  decision: {'promote' if evaluation['decision']['promote'] else 'keep'} ({evaluation['decision']['reason']})\n"
-        + "".join(f"  gguf {k:<17} KL {p['kl']:.1e}  top-1 {p['top1']:.3f}  greedy {p['greedy_match']:.3f}\n"
-                  for k, p in exported["parity"].items())
-        + f"\npublished {published['name']} {published['version']} "
-        f"({'champion' if published['promoted'] else 'not promoted'}): {published['path']}\n"
-        f"\nworkspace: {summary['workspace']}\n"
-        "next: sftflow datasets   (list dataset versions)"
-    )
-    _emit(summary, as_json, human)
+    result["workspace"] = str(workspace.root)
+    result["chat"] = _chat_hint(result.get("published"), workspace)
+    _emit(result, as_json, _pipeline_summary(result, workspace))
+
+
+@app.command()
+def pipeline(
+    drops: Annotated[Optional[list[str]], typer.Argument(help="Drops to ingest first (paths or fsspec URLs).")] = None,
+    config_file: Annotated[Path, typer.Option("--config", help="Run config YAML.")] = DEMO_CONFIG,
+    override: Annotated[Optional[list[str]], typer.Option("--set", help="A dotted key=value override (repeatable).")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset version (default: the current one).")] = None,
+    force: Annotated[bool, typer.Option(help="Train even if this dataset version was trained with this config.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Run flow sft_pipeline: ingest the given drops, then train, evaluate, export and publish if promoted."""
+    try:
+        with _flow_session() as workspace:
+            from flows.pipeline import sft_pipeline
+
+            result = sft_pipeline(drops=list(drops or []), config=str(config_file.absolute()),
+                                  overrides=list(override or []), dataset_version=dataset, force=force)
+    except SftflowError as exc:
+        _fail(exc)
+    _emit(result, as_json, _pipeline_summary(result, workspace))
+
+
+@app.command()
+def drop(
+    path: Annotated[Path, typer.Argument(help="A drop: a directory of data files, or one file.")],
+    drop_id: Annotated[Optional[str], typer.Option(help="Name in the landing zone (default: the path's name).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Copy a drop into the landing zone ($SFTFLOW_HOME/landing) and announce it (sftflow.drop.landed)."""
+    try:
+        with _flow_session() as workspace:
+            from tasks.landing import announce, land_drop
+
+            landed = land_drop(workspace, path, drop_id)
+            record = announce(workspace, landed) if os.environ.get("PREFECT_API_URL") else None
+    except SftflowError as exc:
+        _fail(exc)
+    result = {"drop_id": landed.drop_id, "path": str(landed.path), "files": len(landed.files),
+              "announced": record is not None, "event_id": str(landed.event_id)}
+    if record is not None:
+        human = f"landed {landed.drop_id} in {landed.path} and announced it (event {landed.event_id})"
+    elif os.environ.get("PREFECT_API_URL"):
+        human = f"{landed.drop_id} was landed and announced before: nothing to do"
+    else:
+        human = (f"landed {landed.drop_id} in {landed.path}; no Prefect server runs for this workspace, so it was not "
+                 "announced: `sftflow up` starts the stack and its watcher announces it, or ingest it directly "
+                 f"with: sftflow ingest {landed.path}")
+    _emit(result, as_json, human)
+
+
+@app.command()
+def watch(
+    interval: Annotated[float, typer.Option(help="Seconds between scans of the landing zone.")] = 5.0,
+    quiet_seconds: Annotated[float, typer.Option(help="A drop without _SUCCESS is complete once unchanged this long.")] = 30.0,
+    once: Annotated[bool, typer.Option("--once", help="Scan once, print what was announced, and exit.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Announce each new, complete drop in the landing zone once (event sftflow.drop.landed -> ingest)."""
+    import time
+
+    with _flow_session() as workspace:
+        from tasks.landing import scan_landing
+
+        if not os.environ.get("PREFECT_API_URL"):
+            _fail(SftflowError("no Prefect server to announce drops to: start the stack with `sftflow up` "
+                               "(it runs the watcher), or set PREFECT_API_URL"))
+        typer.echo(f"watching {workspace.landing} every {interval:g} s (quiet period {quiet_seconds:g} s)", err=True)
+        while True:
+            result = scan_landing(workspace, quiet_seconds, log=lambda m: typer.echo(m, err=True))
+            if once:
+                break
+            time.sleep(interval)
+    _emit(result, as_json, f"announced {len(result['announced'])}, waiting {len(result['waiting'])}, "
+                           f"refused {len(result['refused'])}")
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="Loopback port of the Prefect server and dashboard.")] = 4200,
+    database_url: Annotated[Optional[str], typer.Option(
+        help="PostgreSQL URL for the server (postgresql+asyncpg://...); default SQLite under the workspace.",
+        envvar="SFTFLOW_DATABASE_URL")] = None,
+    watch: Annotated[bool, typer.Option(help="Also start the landing-zone watcher.")] = True,
+    quiet_seconds: Annotated[float, typer.Option(help="The watcher's quiet period for drops without _SUCCESS.")] = 30.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a local Prefect server, the cpu and gpu pools with a worker each, the deployments and the watcher."""
+    from sftflow.stack import up as stack_up
+
+    workspace = Workspace.from_env()
+    try:
+        state = stack_up(workspace, port=port, database_url=database_url, watch=watch, quiet_seconds=quiet_seconds,
+                         log=lambda m: typer.echo(m, err=True))
+    except SftflowError as exc:
+        _fail(exc)
+    human = (f"dashboard: {state['dashboard_url']}\n"
+             f"  API {state['api_url']} ({state['database']}); workers on pools cpu and gpu"
+             f"{'; watcher on ' + str(workspace.landing) if watch else ''}\n"
+             f"  logs: {workspace.stack / 'logs'}\n"
+             f"  drop data in with: sftflow drop PATH      stop with: sftflow down")
+    _emit(state, as_json, human)
+
+
+@app.command()
+def status(as_json: JsonOption = False) -> None:
+    """Show the local stack: processes, server health, pools and workers, latest flow runs."""
+    from sftflow.stack import status as stack_status
+
+    result = stack_status(Workspace.from_env())
+    if "processes" not in result:
+        _emit(result, as_json, result["message"])
+        return
+    lines = [f"dashboard {result['dashboard_url']}  API {'healthy' if result['api_healthy'] else 'DOWN'}"]
+    lines += [f"  {name:<11} pid {p['pid']:<8} {'running' if p['alive'] else 'stopped'}  {p['log']}"
+              for name, p in result["processes"].items()]
+    for pool, info in result.get("work_pools", {}).items():
+        workers = ", ".join(f"{w['name']} ({w['status']})" for w in info["workers"]) or "no workers"
+        lines.append(f"  pool {pool:<6} {info['status']:<10} {workers}")
+    lines += [f"  {r['flow']:<18} {r['name']:<28} {r['state']}" for r in result.get("latest_flow_runs", [])]
+    if nxt := result.get("next_scheduled"):
+        lines.append(f"  next scheduled: {nxt['flow']} at {nxt['expected_start']}")
+    _emit(result, as_json, "\n".join(lines))
+
+
+@app.command()
+def down(as_json: JsonOption = False) -> None:
+    """Stop what `sftflow up` started from this workspace (by pid; nothing else)."""
+    from sftflow.stack import down as stack_down
+
+    result = stack_down(Workspace.from_env())
+    _emit(result, as_json, result.get("message") or f"stopped: {', '.join(result['stopped']) or 'nothing was running'}")

@@ -4,9 +4,11 @@
       datasets/<version>/{train,eval}.parquet, manifest.json   immutable dataset versions
       datasets/CURRENT                                         name of the current version
       drops/<drop_id>/{report.json,quarantine.parquet,duplicates.parquet}
+      landing/<drop_id>/                                       new drops waiting to be announced (the watcher)
       runs/<run_id>/                                           training runs (config, adapter, manifest)
       registry/ cache/                                         published models; model caches ($SFTFLOW_CACHE)
-      prefect/                                                 PREFECT_HOME (embedded SQLite API)
+      prefect/                                                 PREFECT_HOME (embedded SQLite API, server DB)
+      stack/                                                   `sftflow up`: state.json and process logs
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ class Workspace:
         return self.root / "drops"
 
     @property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def stack(self) -> Path:
+        return self.root / "stack"
+
+    @property
     def staging(self) -> Path:
         return self.root / "staging"
 
@@ -55,7 +65,7 @@ class Workspace:
         return self.root / "prefect"
 
     def ensure(self) -> "Workspace":
-        for path in (self.datasets, self.drops, self.staging, self.runs, self.registry, self.cache):
+        for path in (self.datasets, self.drops, self.landing, self.staging, self.runs, self.registry, self.cache):
             path.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -64,9 +74,15 @@ def configure_prefect_env(workspace: Workspace) -> None:
     """Point Prefect at the workspace before it is imported.
 
     With no PREFECT_API_URL set, Prefect runs flows against its embedded (ephemeral) API backed by
-    SQLite under PREFECT_HOME; keeping that under the workspace keeps the source tree clean. Values
-    the user already set win.
+    SQLite under PREFECT_HOME; keeping that under the workspace keeps the source tree clean. When
+    `sftflow up` runs a server for this workspace, flows report to it (and show in its dashboard).
+    Values the user already set win.
     """
+    if "PREFECT_API_URL" not in os.environ:
+        from sftflow.stack import active_api_url
+
+        if api_url := active_api_url(workspace):  # `sftflow up` runs a server for this workspace: use it
+            os.environ["PREFECT_API_URL"] = api_url
     os.environ.setdefault("PREFECT_HOME", str(workspace.prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")

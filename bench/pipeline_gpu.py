@@ -1,0 +1,155 @@
+"""The whole `sft_pipeline` on one GPU: stage timings, the GPU's busy share, what was published.
+
+Run on the GPU machine (see ../shared/gpu/README.md), from the project root:
+
+    source .gpu/on-device.sh
+    python bench/pipeline_gpu.py --data .gpu/alpaca_en_demo.json --out $OUT [--steps 60]
+
+It builds a random-weight Llama-3.2-1B-shaped model on the GPU (bench/train_gpu.py's builder: real
+shape, SentencePiece tokenizer trained on the data, Llama-3 chat template), lands the Alpaca demo
+file as a drop and runs the flow `sft_pipeline` in this process on Prefect's embedded API with
+flows/configs/llama3_2_1b_qlora.yaml and the unsloth engine: ingest -> train -> evaluate -> export
+-> publish. A sampler reads the GPU's utilisation every 0.5 s (nvidia-smi) for the whole run.
+
+Random weights have near-uniform next-token distributions, so the export's greedy-match and
+q4_k_m top-1 checks would compare coin flips; the run makes f16 and q8_0 GGUFs and the LoRA GGUF,
+and keeps the KL limits (the check that reads the conversion) while the greedy limit is waived for
+the LoRA file. Everything else is the shipped config.
+
+Prints one JSON line (also OUT/pipeline_gpu.json): wall time, per-stage times from the Prefect API,
+GPU busy share (samples at >= 10% utilisation) and mean utilisation overall and per stage, the
+training figures, the evaluation, the parity table and the registry version's files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+OVERRIDES = [
+    "train.engine=unsloth",
+    "eval.sample_size=16",
+    "eval.max_new_tokens=32",
+    "eval.primary_metric=eval_loss",
+    "export.quants=[f16,q8_0]",
+    "export.merge_dtype=float32",
+    "export.parity_prompts=4",
+    "export.greedy_tokens=8",
+    'export.thresholds={"f16": {"max_kl": 0.001}, "q8_0": {"max_kl": 0.01}, "lora": {"max_kl": 0.001}}',
+]
+
+
+class GpuSampler(threading.Thread):
+    """nvidia-smi utilisation samples (time, percent) until stopped."""
+
+    def __init__(self, period_ms: int = 500):
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float]] = []
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={period_ms}"],
+            stdout=subprocess.PIPE, text=True)
+
+    def run(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append((time.time(), float(line.split(",")[0])))
+            except ValueError:
+                continue
+
+    def stop(self) -> None:
+        self.proc.terminate()
+
+    def share(self, start: float, end: float) -> dict:
+        window = [u for t, u in self.samples if start <= t <= end]
+        if not window:
+            return {"samples": 0, "busy_share": None, "mean_util": None}
+        return {"samples": len(window), "busy_share": round(sum(u >= 10 for u in window) / len(window), 3),
+                "mean_util": round(sum(window) / len(window), 1)}
+
+
+def stage_times(pipeline_run_id) -> list[dict]:
+    """Start/end of the pipeline run and of each subflow, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        runs = client.read_flow_runs(limit=100)
+        tasks = {t.id for t in client.read_task_runs() if t.flow_run_id == pipeline_run_id}
+    stages = [r for r in runs if r.id == pipeline_run_id or r.parent_task_run_id in tasks]
+    return sorted(({"flow": flows[r.flow_id], "start": r.start_time.timestamp(), "end": r.end_time.timestamp(),
+                    "seconds": round((r.end_time - r.start_time).total_seconds(), 1), "state": r.state_name}
+                   for r in stages if r.start_time and r.end_time), key=lambda s: s["start"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="The Alpaca demo file (a JSON array).")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=60, help="Training steps (train.max_steps).")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sftflow-pipeline-bench"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    os.environ["SFTFLOW_HOME"] = str(args.work / "home")
+    os.environ["SFTFLOW_PROGRESS"] = "0"
+
+    from bench.train_gpu import build_model
+    from sftflow.workspace import Workspace, configure_prefect_env
+
+    workspace = Workspace.from_env().ensure()
+    configure_prefect_env(workspace)
+    sampler = GpuSampler()
+    sampler.start()
+    t0 = time.time()
+    model_dir = build_model("1b", args.work, args.data)
+    t_model = time.time()
+    drop = args.work / "drops" / "alpaca-demo"
+    drop.mkdir(parents=True)
+    shutil.copyfile(args.data, drop / "rows.json")
+
+    from flows.pipeline import sft_pipeline
+
+    overrides = [f"model.name={model_dir}", f"train.max_steps={args.steps}", *OVERRIDES]
+    state = sft_pipeline(drops=[str(drop)], config=str(ROOT / "flows/configs/llama3_2_1b_qlora.yaml"),
+                         overrides=overrides, return_state=True)
+    t_end = time.time()
+    summary = state.result(raise_on_failure=False)
+    sampler.stop()
+    time.sleep(1)
+    stages = stage_times(state.state_details.flow_run_id)
+    for stage in stages:
+        stage.update(sampler.share(stage["start"], stage["end"]))
+    published = (summary or {}).get("published") if isinstance(summary, dict) else None
+    files = {}
+    if published:
+        files = json.loads((Path(published["path"]) / "manifest.json").read_text())["files"]
+    result = {
+        "bench": "pipeline_gpu", "state": state.name, "model_build_s": round(t_model - t0, 1),
+        "pipeline_wall_s": round(t_end - t_model, 1), "gpu_whole_pipeline": sampler.share(t_model, t_end),
+        "stages": [{k: v for k, v in s.items() if k not in ("start", "end")} for s in stages],
+        "overrides": overrides,
+        "training": summary.get("training") if isinstance(summary, dict) else None,
+        "evaluation": summary.get("evaluation") if isinstance(summary, dict) else None,
+        "parity": (summary.get("gguf") or {}).get("parity") if isinstance(summary, dict) else None,
+        "published": published,
+        "published_files": {k: v["bytes"] for k, v in files.items()},
+        "error": None if isinstance(summary, dict) else repr(summary),
+    }
+    line = json.dumps(result)
+    print(line)
+    (args.out / "pipeline_gpu.json").write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Flow `sft_pipeline`: drops -> dataset version -> adapter -> evaluation -> GGUF -> registry.
+
+Each stage is its own flow, so a pipeline run shows them as subflows:
+
+    ingest_drop (one per drop) -> train_adapter -> evaluate_adapter -> export_model -> publish_model
+
+Training goes to the `gpu` work pool through `run_deployment` when a Prefect server is configured
+(PREFECT_API_URL) and the `train_adapter/train` deployment exists there; otherwise it runs in this
+process. The stages hand each other only names (dataset version, run id): everything else lives in
+the workspace ($SFTFLOW_HOME), which every worker must share.
+
+Run it:
+    sftflow demo                                     (the sample drops, the tiny model, no server)
+or from Python:
+    from flows.pipeline import sft_pipeline; sft_pipeline(drops=["data/drops/arithmetic"])
+
+A run trains nothing, with the reason logged and returned, when the dataset version it would use
+was already trained with the same config (a registry version records both) unless `force`, and,
+when it was started for a given dataset version, when a newer version is current (the newer one
+has its own run).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.evaluate import evaluate_adapter
+from flows.export import export_model
+from flows.ingest import ingest_drop
+from flows.publish import publish_model
+from flows.train import new_run_id, train_adapter
+from schemas.config import IngestConfig, RunConfig, config_hash, load_run_config
+from sftflow.atomic import read_json
+from sftflow.errors import DropRejectedError, SftflowError
+from sftflow.workspace import Workspace
+from tasks.format import current_version, find_version
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "flows/configs/tiny_cpu.yaml"
+TRAIN_DEPLOYMENT = "train_adapter/train"
+
+
+def resolve_config_path(config: str) -> Path:
+    """A run config path as given, or relative to the project directory (deployments pass those)."""
+    path = Path(config)
+    if path.exists() or path.is_absolute():
+        return path
+    return PROJECT_DIR / path
+
+
+def published_with(workspace: Workspace, name: str, dataset_version: str, config_digest: str) -> str | None:
+    """The registry version already trained on this dataset version with this config, if any."""
+    model_root = workspace.registry / name
+    for manifest_path in sorted(model_root.glob("v*/manifest.json")) if model_root.is_dir() else []:
+        run = read_json(manifest_path.parent / "run_manifest.json")
+        if run["dataset_version"] == dataset_version and run["config_hash"] == config_digest:
+            return manifest_path.parent.name
+    return None
+
+
+def train_deployment_available() -> bool:
+    """True when a Prefect server is configured and it has the train deployment (for the gpu pool)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return False
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(TRAIN_DEPLOYMENT)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+def train_stage(config: RunConfig, dataset_version: str, run_id: str) -> dict:
+    """Train on the gpu pool when the deployment exists, else here; the run directory is the result."""
+    logger = get_run_logger()
+    workspace = Workspace.from_env()
+    if train_deployment_available():
+        from prefect.deployments import run_deployment
+
+        logger.info("training run %s on the gpu pool (deployment %s)", run_id, TRAIN_DEPLOYMENT)
+        flow_run = run_deployment(
+            TRAIN_DEPLOYMENT,
+            parameters={"config": config.model_dump(mode="json"), "dataset_version": dataset_version, "run_id": run_id},
+            as_subflow=True,
+            timeout=None,
+        )
+        if not flow_run.state or not flow_run.state.is_completed():
+            state = flow_run.state.name if flow_run.state else "unknown"
+            raise SftflowError(f"training flow run {flow_run.name} ({flow_run.id}) ended {state}: see its logs in the "
+                               f"dashboard; the run directory is {workspace.runs / run_id}")
+        manifest = read_json(workspace.runs / run_id / "manifest.json")
+        return {"run_id": run_id, "run_dir": str(workspace.runs / run_id), "adapter_dir": manifest["adapter_dir"],
+                "engine": manifest["engine"], "global_step": manifest["global_step"],
+                "loss_first": manifest["loss_first"], "loss_last": manifest["loss_last"],
+                "trained_tokens": manifest["trained_tokens"], "tokens_per_s": manifest["tokens_per_s"],
+                "peak_mem_gib": manifest["peak_mem_gib"], "dataset_version": dataset_version,
+                "config_hash": manifest["config_hash"]}
+    logger.info("training run %s in this process (no server, or no %s deployment)", run_id, TRAIN_DEPLOYMENT)
+    return train_adapter(config=config, dataset_version=dataset_version, run_id=run_id)
+
+
+def _summary_markdown(summary: dict) -> str:
+    lines = [f"# sft_pipeline: {summary['status']}", ""]
+    for drop in summary["drops"]:
+        lines.append(f"- drop `{drop['drop_id']}`: {drop['status']}{' (no-op)' if drop.get('noop') else ''}, "
+                     f"rows in {drop['rows_in']}, accepted {drop['accepted']}, duplicates {drop['duplicates']}, "
+                     f"quarantined {drop['quarantined']}")
+    lines.append(f"- dataset version `{summary['dataset_version']}`")
+    if summary.get("reason"):
+        lines.append(f"- {summary['reason']}")
+    if summary.get("training"):
+        t = summary["training"]
+        lines.append(f"- run `{t['run_id']}` ({t['engine']}): loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}")
+    if summary.get("evaluation"):
+        for model, scores in summary["evaluation"]["scores"].items():
+            lines.append(f"  - {model}: eval loss {scores['eval_loss']:.3f}, ROUGE-L {scores['rouge_l']:.3f}")
+        lines.append(f"- decision: {summary['evaluation']['decision']['reason']}")
+    if summary.get("published"):
+        p = summary["published"]
+        lines.append(f"- published `{p['name']} {p['version']}` at `{p['path']}`"
+                     f"{' (champion)' if p['promoted'] else ''}")
+    return "\n".join(lines)
+
+
+@flow(name="sft_pipeline")
+def sft_pipeline(
+    drops: list[str] | None = None,
+    config: str = DEFAULT_CONFIG,
+    overrides: list[str] | None = None,
+    dataset_version: str | None = None,
+    force: bool = False,
+    ingest: IngestConfig | None = None,
+) -> dict:
+    """Ingest the drops (if any), then train, evaluate, export and publish (when promoted).
+
+    drops: paths or fsspec URLs, one drop each. config: a run config YAML (relative paths are
+    taken from the project directory). dataset_version: train on this version (default: the
+    current one). force: train even when this dataset version was trained with this config.
+    """
+    logger = get_run_logger()
+    workspace = Workspace.from_env().ensure()
+    run_config = load_run_config(resolve_config_path(config), overrides or [])
+    digest = config_hash(run_config)
+    summary: dict = {"status": "running", "drops": [], "config": config, "config_hash": digest}
+
+    for drop in drops or []:
+        try:
+            report = ingest_drop(paths=[drop], config=ingest, announce=False)  # this run trains on it
+        except DropRejectedError as exc:
+            logger.error("drop %s rejected: %s", drop, exc)
+            report = exc.report
+        summary["drops"].append({k: report.get(k) for k in ("drop_id", "status", "noop", "rows_in", "accepted",
+                                                             "duplicates", "quarantined", "reasons",
+                                                             "dataset_version")})
+
+    current = current_version(workspace)
+    if current is None:
+        raise SftflowError(f"no dataset version in {workspace.datasets}: ingest a drop first "
+                           "(sftflow ingest PATH, or pass drops=[...])")
+    if dataset_version and dataset_version != current.name:
+        find_version(workspace, dataset_version)  # a clear error for a name that does not exist
+        reason = (f"dataset version {dataset_version} is no longer current ({current.name} is): skipped, the newer "
+                  "version is trained by its own run")
+        return _finish(summary | {"status": "skipped", "reason": reason, "dataset_version": dataset_version}, logger)
+    version = current.name
+    summary["dataset_version"] = version
+    summary["dataset_rows"] = current.manifest["rows"]
+
+    already = published_with(workspace, run_config.name, version, digest)
+    if already and not force:
+        reason = (f"dataset version {version} was already trained with this config (config hash {digest[:12]}): "
+                  f"registry {run_config.name}/{already}; nothing to do (force=True retrains)")
+        return _finish(summary | {"status": "skipped", "reason": reason, "registry_version": already}, logger)
+
+    run_id = new_run_id(run_config)
+    summary["training"] = train_stage(run_config, version, run_id)
+    evaluation = evaluate_adapter(run_id=run_id)
+    summary["evaluation"] = {k: evaluation[k] for k in ("scores", "decision")}
+    exported = export_model(run_id=run_id)
+    summary["gguf"] = {"dir": exported["gguf_dir"], "parity": exported["parity"]}
+    if evaluation["decision"]["promote"]:
+        summary["published"] = publish_model(run_id=run_id)
+        summary["status"] = "published"
+    else:
+        summary["status"] = "not promoted"
+        summary["reason"] = f"not published: {evaluation['decision']['reason']}"
+    return _finish(summary, logger)
+
+
+def _finish(summary: dict, logger) -> dict:
+    if summary.get("reason"):
+        logger.info(summary["reason"])
+    create_markdown_artifact(key="pipeline-summary", markdown=_summary_markdown(summary),
+                             description="What this sft_pipeline run did")
+    return summary

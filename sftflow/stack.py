@@ -1,0 +1,243 @@
+"""`sftflow up / status / down`: a local Prefect stack for the dashboard and the event chain.
+
+`up` starts, each as its own process group with its log under $SFTFLOW_HOME/stack/logs/:
+
+    server      prefect server start on loopback (SQLite under $SFTFLOW_HOME/prefect, or the
+                PostgreSQL URL given with --database-url)
+    worker-cpu  prefect worker start --pool cpu     (ingest, evaluate, export, publish, pipeline)
+    worker-gpu  prefect worker start --pool gpu     (training; the pool runs one flow at a time)
+    watcher     sftflow watch                       (announces complete drops in the landing zone)
+
+after creating the `cpu` and `gpu` process work pools and deploying prefect.yaml. What it started is
+recorded in stack/state.json; `down` stops exactly those processes (each is checked to still be the
+one started, by a stack id in its environment, before it is signalled), nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+from sftflow.atomic import read_json, write_json_atomic
+from sftflow.errors import SftflowError
+from sftflow.workspace import Workspace
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+POOLS = {"cpu": None, "gpu": 1}  # name -> concurrency limit
+
+
+class StackError(SftflowError):
+    """The local stack cannot be started or reached."""
+
+
+def state_path(workspace: Workspace) -> Path:
+    return workspace.stack / "state.json"
+
+
+def read_state(workspace: Workspace) -> dict | None:
+    path = state_path(workspace)
+    return read_json(path) if path.exists() else None
+
+
+def is_ours(proc: dict, stack_id: str) -> bool:
+    """Is this pid still the process we started? (its environment carries our stack id)"""
+    try:
+        environ = Path(f"/proc/{proc['pid']}/environ").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return f"SFTFLOW_STACK_ID={stack_id}".encode() in environ.split(b"\0")
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def active_api_url(workspace: Workspace) -> str | None:
+    """The API URL of this workspace's running stack, if `sftflow up` started one that still runs."""
+    state = read_state(workspace)
+    if not state:
+        return None
+    server = state["processes"].get("server")
+    if server and is_ours(server, state["stack_id"]):
+        return state["api_url"]
+    return None
+
+
+def stack_env(workspace: Workspace, api_url: str, stack_id: str, database_url: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(workspace.prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "GX_ANALYTICS_ENABLED": "false",
+        "SFTFLOW_HOME": str(workspace.root),
+        "SFTFLOW_PROJECT_DIR": str(PROJECT_DIR),
+        "SFTFLOW_PROGRESS": "0",  # workers log progress events; no progress bar in their logs
+        "SFTFLOW_STACK_ID": stack_id,
+    })
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    return env
+
+
+def _spawn(name: str, command: list[str], env: dict, logs: Path) -> dict:
+    log = logs / f"{name}.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return {"pid": proc.pid, "command": command, "log": str(log)}
+
+
+def _run(command: list[str], env: dict, what: str, logs: Path) -> None:
+    """Run a setup command to completion; its output goes to stack/logs/setup.log."""
+    with open(logs / "setup.log", "ab") as fh:
+        fh.write(f"\n$ {' '.join(command)}\n".encode())
+        fh.flush()
+        done = subprocess.run(command, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=fh,
+                              stderr=subprocess.STDOUT, timeout=600)
+    if done.returncode != 0:
+        raise StackError(f"{what} failed (exit {done.returncode}); see {logs / 'setup.log'}")
+
+
+def _wait_healthy(api_url: str, server: dict, stack_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if healthy(api_url):
+            return
+        if not is_ours(server, stack_id):
+            raise StackError(f"the Prefect server exited during start-up; see {server['log']}")
+        time.sleep(0.5)
+    raise StackError(f"the Prefect server did not answer at {api_url}/health within {timeout:.0f} s; see {server['log']}")
+
+
+def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database_url: str | None = None,
+       watch: bool = True, quiet_seconds: float = 30.0, interval: float = 5.0, log=print) -> dict:
+    """Start server, pools, deployments, workers and watcher; returns the state (also in stack/state.json)."""
+    workspace.ensure()
+    if (running := read_state(workspace)) and any(is_ours(p, running["stack_id"]) for p in running["processes"].values()):
+        raise StackError(f"a stack started from this workspace is running ({running['dashboard_url']}); "
+                         "`sftflow status` shows it, `sftflow down` stops it")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise StackError(f"--host {host}: the stack listens on loopback only; put a reverse proxy with "
+                         "authentication in front of it to share it")
+    logs = workspace.stack / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stack_id = uuid.uuid4().hex
+    api_url = f"http://{host}:{port}/api"
+    env = stack_env(workspace, api_url, stack_id, database_url)
+    prefect = str(BIN / "prefect")
+    state = {"stack_id": stack_id, "api_url": api_url, "dashboard_url": f"http://{host}:{port}",
+             "workspace": str(workspace.root), "database": "postgresql" if database_url else "sqlite",
+             "started_at": time.time(), "processes": {}}
+
+    def save() -> None:
+        write_json_atomic(state_path(workspace), state)
+
+    try:
+        log(f"starting the Prefect server on {host}:{port}")
+        state["processes"]["server"] = _spawn("server", [prefect, "server", "start", "--host", host, "--port",
+                                                         str(port)], env, logs)
+        save()
+        _wait_healthy(api_url, state["processes"]["server"], stack_id, timeout=180)
+        for pool, limit in POOLS.items():
+            _run([prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], env,
+                 f"creating work pool {pool}", logs)
+            if limit:
+                _run([prefect, "work-pool", "set-concurrency-limit", pool, str(limit)], env,
+                     f"limiting work pool {pool}", logs)
+        log("deploying prefect.yaml")
+        _run([prefect, "--no-prompt", "deploy", "--all"], env, "prefect deploy --all", logs)
+        for pool in POOLS:
+            state["processes"][f"worker-{pool}"] = _spawn(
+                f"worker-{pool}", [prefect, "worker", "start", "--pool", pool, "--name", f"sftflow-{pool}"], env, logs)
+        if watch:
+            state["processes"]["watcher"] = _spawn(
+                "watcher", [str(BIN / "sftflow"), "watch", "--interval", str(interval), "--quiet-seconds",
+                            str(quiet_seconds)], env, logs)
+        save()
+    except BaseException:
+        down(workspace)
+        raise
+    return state
+
+
+def status(workspace: Workspace) -> dict:
+    state = read_state(workspace)
+    if not state:
+        return {"running": False, "message": f"no stack was started from {workspace.root} (sftflow up starts one)"}
+    processes = {name: {**proc, "alive": is_ours(proc, state["stack_id"])} for name, proc in state["processes"].items()}
+    result = {"running": any(p["alive"] for p in processes.values()), "dashboard_url": state["dashboard_url"],
+              "api_url": state["api_url"], "database": state["database"], "processes": processes,
+              "api_healthy": healthy(state["api_url"])}
+    if result["api_healthy"]:
+        result |= _server_view(state["api_url"])
+    return result
+
+
+def _server_view(api_url: str) -> dict:
+    """Pools, their workers and the latest flow runs, read from the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        pools = {}
+        for pool in client.read_work_pools():
+            workers = client.read_workers_for_work_pool(pool.name)
+            pools[pool.name] = {"status": str(pool.status.value if pool.status else "unknown"),
+                                "concurrency_limit": pool.concurrency_limit,
+                                "workers": [{"name": w.name, "status": str(w.status.value)} for w in workers]}
+        runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=30)
+        flows = {f.id: f.name for f in client.read_flows()}
+    view = [{"flow": flows.get(r.flow_id, "?"), "name": r.name, "state": r.state_name,
+             "expected_start": r.expected_start_time.isoformat() if r.expected_start_time else None} for r in runs]
+    scheduled = [r for r in view if r["state"] == "Scheduled"]
+    return {"work_pools": pools, "latest_flow_runs": [r for r in view if r["state"] != "Scheduled"][:10],
+            "next_scheduled": scheduled[-1] if scheduled else None}
+
+
+def down(workspace: Workspace, grace_seconds: float = 20.0) -> dict:
+    """Stop what `up` started (watcher, workers, then the server), by pid and stack id only."""
+    state = read_state(workspace)
+    if not state:
+        return {"stopped": [], "message": f"no stack was started from {workspace.root}"}
+    stopped = []
+    order = [n for n in ("watcher", "worker-gpu", "worker-cpu", "server") if n in state["processes"]]
+    for name in order:
+        proc = state["processes"][name]
+        if not is_ours(proc, state["stack_id"]):
+            continue
+        try:
+            os.killpg(proc["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline and is_ours(proc, state["stack_id"]):
+            _reap(proc["pid"])
+            time.sleep(0.2)
+        if is_ours(proc, state["stack_id"]):
+            os.killpg(proc["pid"], signal.SIGKILL)
+        _reap(proc["pid"])
+        stopped.append(name)
+    state_path(workspace).unlink(missing_ok=True)
+    return {"stopped": stopped}
+
+
+def _reap(pid: int) -> None:
+    """Collect a child we started in this process (tests run up and down in one process)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,58 @@
+"""The parent flow `sft_pipeline` in-process (no server): stages as subflows, and when it trains nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.ingest import ingest_drop
+from flows.pipeline import sft_pipeline
+from sftflow.errors import SftflowError
+from tests.conftest import ROOT, SAMPLE_DROPS
+
+pytestmark = pytest.mark.slow
+
+CONFIG = str(ROOT / "flows" / "configs" / "tiny_cpu.yaml")
+QUICK = ["train.max_steps=30", "train.save_steps=30", "eval.primary_metric=eval_loss", "eval.sample_size=8",
+         "export.quants=[f16]", "export.parity_prompts=4"]
+
+
+def _subflows(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        parent_tasks = {t.id for t in client.read_task_runs() if t.flow_run_id == flow_run_id}
+        flows = {f.id: f.name for f in client.read_flows()}
+        return sorted(flows[r.flow_id] for r in client.read_flow_runs(limit=200)
+                      if r.parent_task_run_id in parent_tasks)
+
+
+def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(workspace, tiny_model):
+    state = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK,
+                         return_state=True)
+    summary = state.result()
+    assert summary["status"] == "published", summary
+    assert summary["drops"][0]["accepted"] > 0 and summary["dataset_version"].startswith("ds-")
+    assert summary["training"]["global_step"] == 30
+    assert summary["evaluation"]["decision"]["promote"]
+    assert summary["gguf"]["parity"]["f16"]["passed"]
+    assert summary["published"]["version"] == "v0001" and summary["published"]["promoted"]
+    assert (workspace.registry / "tiny-sft" / "CHAMPION").read_text().strip() == "v0001"
+    assert _subflows(state.state_details.flow_run_id) == sorted(
+        ["ingest_drop", "train_adapter", "evaluate_adapter", "export_model", "publish_model"])
+
+    # Same dataset version, same config: nothing to train, with the reason.
+    again = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK)
+    assert again["status"] == "skipped" and "already trained with this config" in again["reason"]
+    assert again["drops"][0]["noop"] and "training" not in again
+    assert len(list(workspace.runs.iterdir())) == 1
+
+    # A trigger for a version that is no longer current is skipped too.
+    older = summary["dataset_version"]
+    assert ingest_drop(paths=[str(SAMPLE_DROPS / "unit-conversions")])["dataset_version"] != older
+    stale = sft_pipeline(config=CONFIG, overrides=QUICK, dataset_version=older)
+    assert stale["status"] == "skipped" and "no longer current" in stale["reason"]
+
+
+def test_pipeline_without_any_dataset_says_what_to_do(workspace):
+    with pytest.raises(SftflowError, match="ingest a drop first"):
+        sft_pipeline(config=CONFIG)
