@@ -260,9 +260,15 @@ def resolve_model(model: ModelConfig, workspace: Workspace, log=print) -> str:
                 "weights with `save_pretrained(safe_serialization=True)`)"
             )
         config = json.loads((path / "config.json").read_text())
-        if config.get("auto_map") and not model.trust_remote_code:
+        tokenizer_config = path / "tokenizer_config.json"
+        code = [f"auto_map in {name}" for name, cfg in (
+            ("config.json", config),
+            ("tokenizer_config.json", json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}),
+        ) if cfg.get("auto_map")]
+        code += sorted(p.name for p in path.glob("*.py"))
+        if code and not model.trust_remote_code:
             raise ConfigError(
-                f"model.name {model.name}: the model ships its own code (auto_map in config.json); review it and set "
+                f"model.name {model.name}: the model ships its own code ({', '.join(code)}); review it and set "
                 "model.trust_remote_code=true to allow it"
             )
         return str(path.resolve())

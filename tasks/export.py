@@ -25,6 +25,7 @@ import numpy as np
 from sftflow.atomic import staged_dir, write_bytes_atomic
 from sftflow.errors import SftflowError
 from sftflow.workspace import Workspace
+from tasks.preflight import check_export_fits
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -253,6 +254,8 @@ def export_run(run_dir: Path, workspace: Workspace, quants: list[str] | None = N
     quants = sorted(set(quants or config.quants) | {"f16"}, key=["f16", "q8_0", "q4_k_m"].index)
     name = manifest["config"]["name"]
     timings: dict[str, float] = {}
+    # refuse before anything is downloaded, loaded or written when the files or models cannot fit
+    check_export_fits(run_dir, manifest["model_path"], RunConfig.model_validate(manifest["config"]), quants, log=log)
     started = time.monotonic()
     tools = llama_cpp_tools(workspace)
     timings["tools_s"] = round(time.monotonic() - started, 2)

@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from schemas.config import RunConfig, config_hash
 from sftflow.atomic import read_json, write_json_atomic
 from sftflow.errors import SftflowError
+from tasks.preflight import check_training_fits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,8 +65,14 @@ def _progress_bar(total: int, initial: int):
 
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_if_worker_died, cache_policy=NO_CACHE)
 def train_model(run_dir: Path, model_path: str, config: RunConfig, engine: str) -> dict:
-    """Run (or resume) training in a subprocess; returns the worker's final event."""
+    """Run (or resume) training in a subprocess; returns the worker's final event.
+
+    A config that cannot fit in the device's memory is refused first (ResourceError, not retried).
+    """
+    import torch
+
     logger = get_run_logger()
+    check_training_fits(model_path, config, cuda=torch.cuda.is_available(), log=logger.info)
     spec = run_dir / "worker_spec.json"
     write_json_atomic(spec, {"run_dir": str(run_dir), "model_path": model_path, "engine": engine,
                              "config": config.model_dump(mode="json")})

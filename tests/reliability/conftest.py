@@ -42,3 +42,28 @@ def run_crash_loop(spec: dict, tmp_path: Path, api_url: str, timeout: int = 400)
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(Path(spec["out"]).read_text())
+
+
+@pytest.fixture(scope="session")
+def mini_model(tmp_path_factory):
+    """A small random Llama with the tiny model's tokenizer and chat template, safetensors only.
+
+    Built in seconds (the pretrained tiny model takes minutes on a busy 2-core machine); enough for
+    the tests that refuse or load a model but never judge its outputs.
+    """
+    import random
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.base_model import EOS_TEXT, EOT, _drop_texts, _general_corpus, train_tokenizer
+
+    target = tmp_path_factory.mktemp("mini-model")
+    train_tokenizer(_drop_texts() + _general_corpus(random.Random(0), 2000), target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=[tokenizer.convert_tokens_to_ids(EOT), tokenizer.convert_tokens_to_ids(EOS_TEXT)])
+    LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
