@@ -160,8 +160,9 @@ def json_files(draw) -> DropFile:
         text_value, expected = "[" + draw(deep_record) + "]", 1
     else:
         text_value, expected = draw(st.sampled_from(["", "  \n", "[]", "{}"])), 0
-    if draw(st.booleans()):
-        text_value = text_value.replace("\n", "\r\n").replace(", ", ",\r\n  ")  # CRLF pretty-printing
+    if draw(st.booleans()) and shape in ("array", "object_of_arrays", "single"):  # pretty-printed with CRLF
+        # json.dumps escapes newlines inside strings, so every raw newline of an indented dump is structural
+        text_value = json.dumps(json.loads(text_value), indent=2).replace("\n", "\r\n")
     data = text_value.encode("utf-8", "surrogatepass")
     if draw(st.booleans()):
         data = BOM + data
