@@ -305,7 +305,9 @@ def export_run(run_dir: Path, workspace: Workspace, quants: list[str] | None = N
             write_json_atomic(run_dir / "export.json", {"passed": False, "parity": results, "failures": failures,
                                                         "timings": timings})
             raise ExportError("GGUF parity failed: " + "; ".join(failures))
-    stop = [tokenizer.convert_ids_to_tokens(i) for i in sorted(_eot_ids(tokenizer))]
+    from tasks.tokenize import end_of_turn_ids
+
+    stop = [tokenizer.convert_ids_to_tokens(i) for i in sorted(end_of_turn_ids(tokenizer))]
     write_bytes_atomic(run_dir / "Modelfile", ollama_modelfile(f"gguf/{name}-{quants[-1]}.gguf", stop).encode())
     summary = {
         "run_id": run_dir.name, "passed": True, "gguf_dir": str(target), "modelfile": str(run_dir / "Modelfile"),
@@ -316,12 +318,6 @@ def export_run(run_dir: Path, workspace: Workspace, quants: list[str] | None = N
     }
     write_json_atomic(run_dir / "export.json", summary)
     return summary
-
-
-def _eot_ids(tokenizer) -> set[int]:
-    from tasks.tokenize import end_of_turn_ids
-
-    return end_of_turn_ids(tokenizer)
 
 
 if __name__ == "__main__":  # `python -m tasks.export`: fetch, verify and extract the tools (make does this)

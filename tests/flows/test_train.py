@@ -132,7 +132,8 @@ def test_evaluation_scores_base_and_candidate_and_decides(workspace, dataset):
     assert candidate["eval_loss"] < 0.6 * base["eval_loss"]  # clearly better on the held-out split
     assert candidate["chrf"] > base["chrf"]
     assert result["sample_size"] == 16 and "champion" not in result["scores"]
-    assert result["decision"]["primary_metric"] == "rouge_l" and result["decision"]["reason"]
+    assert result["decision"]["primary_metric"] == "eval_loss" and result["decision"]["promote"]
+    assert "beats the base" in result["decision"]["reason"]
     saved = json.loads((workspace.runs / run["run_id"] / "eval.json").read_text())
     assert saved["scores"] == result["scores"] and len(saved["answers"]["candidate"]) == 16
 
