@@ -86,4 +86,6 @@ def configure_prefect_env(workspace: Workspace) -> None:
     os.environ.setdefault("PREFECT_HOME", str(workspace.prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    # the embedded server's start-up waits 20 s by default, too little on a loaded 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,221 @@
+"""The whole event chain on a real Prefect server, started by `sftflow up` on a free loopback port.
+
+A sample drop copied into the landing zone is announced by the watcher (sftflow.drop.landed), the
+ingest deployment writes a dataset version (sftflow.dataset.updated), the pipeline deployment trains
+on the gpu pool (hf engine on CPU here), evaluates, exports and publishes a new champion. A second
+copy of the same rows starts no training. The dashboard is then opened in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SAMPLE_DROPS
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
+SFTFLOW = str(Path(sys.executable).parent / "sftflow")
+CHAIN = ("ingest_drop", "sft_pipeline", "train_adapter", "evaluate_adapter", "export_model", "publish_model")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stack_env(home: Path, cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return env | {"SFTFLOW_HOME": str(home), "SFTFLOW_CACHE": str(cache)}
+
+
+def cli(env: dict, *args: str, timeout: int = 300) -> dict:
+    done = subprocess.run([SFTFLOW, *args, "--json"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"sftflow {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout)
+
+
+class Api:
+    """A few reads through Prefect's client, pointed at the stack's server."""
+
+    def __init__(self, api_url: str):
+        self.api_url = api_url
+
+    def flow_runs(self) -> list[dict]:
+        with self._client() as client:
+            flows = {f.id: f.name for f in client.read_flows()}
+            return [{"id": str(r.id), "flow": flows[r.flow_id], "state": r.state_type.value if r.state_type else None,
+                     "pool": r.work_pool_name, "parent_task_run_id": r.parent_task_run_id,
+                     "parameters": r.parameters, "deployment_id": r.deployment_id}
+                    for r in client.read_flow_runs(limit=200)]
+
+    @contextlib.contextmanager
+    def _client(self):
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
+            yield client
+
+    def run_deployment(self, name: str) -> str:
+        with self._client() as client:
+            deployment = client.read_deployment_by_name(name)
+            return str(client.create_flow_run_from_deployment(deployment.id).id)
+
+    def deployment_crons(self, name: str) -> list[str]:
+        with self._client() as client:
+            return [s.schedule.cron for s in client.read_deployment_by_name(name).schedules]
+
+    def wait_for(self, predicate, what: str, timeout: float, stack_home: Path) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = self.flow_runs()
+            failed = [r for r in runs if r["state"] in ("FAILED", "CRASHED", "CANCELLED")]
+            if failed:
+                logs = "\n".join(p.read_text()[-4000:] for p in sorted((stack_home / "stack" / "logs").glob("*.log")))
+                pytest.fail(f"flow runs failed while waiting for {what}: {failed}\n{logs}")
+            if predicate(runs):
+                return runs
+            time.sleep(3)
+        pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}: {self.flow_runs()}")
+
+
+def completed(runs: list[dict], flow: str) -> list[dict]:
+    return [r for r in runs if r["flow"] == flow and r["state"] == "COMPLETED"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, model_cache):
+    home = tmp_path_factory.mktemp("stack") / "home"
+    env = stack_env(home, model_cache.parent.parent)
+    port = free_port()
+    state = cli(env, "up", "--port", str(port), "--quiet-seconds", "2", timeout=400)
+    try:
+        yield {"env": env, "home": home, "state": state, "api": Api(state["api_url"])}
+    finally:
+        cli(env, "down")
+
+
+def test_a_landed_drop_runs_the_chain_to_a_new_champion_and_a_repeat_trains_nothing(stack):
+    home, api = stack["home"], stack["api"]
+    status = cli(stack["env"], "status")
+    assert status["api_healthy"] and all(p["alive"] for p in status["processes"].values())
+    assert set(status["work_pools"]) >= {"cpu", "gpu"} and status["work_pools"]["gpu"]["concurrency_limit"] == 1
+
+    shutil.copytree(SAMPLE_DROPS / "arithmetic", home / "landing" / "arithmetic-2026-11")
+    runs = api.wait_for(lambda rs: completed(rs, "sft_pipeline"), "the pipeline to complete", 1500, home)
+    for flow in CHAIN:
+        assert len(completed(runs, flow)) == 1, (flow, runs)
+    assert completed(runs, "train_adapter")[0]["pool"] == "gpu"
+    assert completed(runs, "ingest_drop")[0]["pool"] == "cpu"
+    assert completed(runs, "ingest_drop")[0]["parameters"]["drop_id"] == "arithmetic-2026-11"
+    pipeline = completed(runs, "sft_pipeline")[0]
+    assert pipeline["parameters"]["dataset_version"].startswith("ds-")
+    champion = home / "registry" / "tiny-sft" / "CHAMPION"
+    assert champion.read_text().strip() == "v0001"
+    from tasks.publish import verify_version
+
+    assert verify_version(home / "registry" / "tiny-sft" / "v0001") == []
+
+    # The same rows again, as a new drop through `sftflow drop`: ingested (all duplicates), no training.
+    landed = cli(stack["env"], "drop", str(SAMPLE_DROPS / "arithmetic"), "--drop-id", "arithmetic-again")
+    assert landed["announced"]
+    runs = api.wait_for(lambda rs: len(completed(rs, "ingest_drop")) == 2, "the second ingest", 300, home)
+    report = json.loads((home / "drops" / "arithmetic-again" / "report.json").read_text())
+    assert report["accepted"] == 0 and report["duplicates"] + report["quarantined"] == report["rows_in"]
+    time.sleep(15)  # room for a wrongly triggered pipeline to show up
+    runs = api.flow_runs()
+    assert len([r for r in runs if r["flow"] == "train_adapter"]) == 1
+    assert len([r for r in runs if r["flow"] == "sft_pipeline" and r["state"] != "SCHEDULED"]) == 1  # not the cron's
+    stack["pipeline_run_id"] = pipeline["id"]
+
+    # The scheduled retrain: a weekly cron, and a run now skips (same dataset version, same config).
+    retrain_id = api.run_deployment("sft_pipeline/retrain")
+    assert api.deployment_crons("sft_pipeline/retrain") == ["0 3 * * 1"]
+    runs = api.wait_for(lambda rs: any(r["id"] == retrain_id and r["state"] == "COMPLETED" for r in rs),
+                        "the retrain run", 300, home)
+    assert len([r for r in runs if r["flow"] == "train_adapter"]) == 1
+
+
+def test_the_dashboard_shows_the_pipeline_subflows_and_artifacts(stack, tmp_path):
+    from tests.integration.browser import Browser
+
+    if "pipeline_run_id" not in stack:
+        pytest.fail("the event-chain test did not finish; the dashboard has no pipeline run to show")
+    dashboard, run_id, home = stack["state"]["dashboard_url"], stack["pipeline_run_id"], stack["home"]
+    browser = Browser(tmp_path / "chromium")
+    try:
+        browser.goto(f"{dashboard}/runs/flow-run/{run_id}")
+        browser.wait_for_text("sft_pipeline", "Completed", "Subflow Runs", timeout=120)
+        browser.screenshot(home / "dashboard-pipeline.png")  # the run's graph: the four stages
+        browser.click("Subflow Runs")
+        browser.wait_for_text("train_adapter", "evaluate_adapter", "export_model", "publish_model")
+        browser.screenshot(home / "dashboard-pipeline-subflows.png")
+        browser.click("Artifacts")
+        browser.wait_for_text("pipeline-summary")
+        # the stages' artifacts: the drop's counts and quarantine, the loss plot, the evaluation table
+        for key, content in [("drop-arithmetic-2026-11-counts", "counts and quarantine reasons"),
+                             ("drop-arithmetic-2026-11-quarantine", "quarantined examples and their reasons"),
+                             ("loss-curve", "Training loss of"), ("evaluation", "base vs candidate vs champion"),
+                             ("gguf-parity", "GGUF parity against the merged HF model")]:
+            browser.goto(f"{dashboard}/artifacts/key/{key}")
+            browser.wait_for_text(key, content)
+            if key == "evaluation":
+                browser.screenshot(home / "dashboard-artifacts.png")
+    finally:
+        browser.close()
+    for name in ("dashboard-pipeline.png", "dashboard-pipeline-subflows.png", "dashboard-artifacts.png"):
+        assert (home / name).stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_eight_concurrent_drops_account_for_every_row_once(stack, tmp_path):
+    """Issue 6, item 4: overlapping drops landed at once go through the watcher and the triggers."""
+    home, api = stack["home"], stack["api"]
+    lines = (SAMPLE_DROPS / "json-extraction" / "rows.jsonl").read_text().splitlines()
+    before = len(completed(api.flow_runs(), "ingest_drop"))
+    from tasks.format import DatasetVersion
+
+    def current_version():
+        return DatasetVersion(home / "datasets" / (home / "datasets" / "CURRENT").read_text().strip())
+
+    rows_before = sum(current_version().manifest["rows"].values())
+    staged = []
+    for i in range(8):  # rows 10*i .. 10*i+29: each drop overlaps the next two
+        drop = tmp_path / f"burst-{i}"
+        drop.mkdir()
+        (drop / "rows.jsonl").write_text("\n".join(lines[10 * i: 10 * i + 30]) + "\n")
+        (drop / "_SUCCESS").touch()
+        staged.append(drop)
+    for drop in staged:  # land them all at once: a rename each, as an upstream job would
+        drop.rename(home / "landing" / drop.name)
+    api.wait_for(lambda rs: len(completed(rs, "ingest_drop")) == before + 8, "eight ingests", 900, home)
+
+    reports = [json.loads((home / "drops" / f"burst-{i}" / "report.json").read_text()) for i in range(8)]
+    assert all(r["status"] == "ingested" and not r.get("noop") for r in reports)
+    for r in reports:  # every row of every drop: accepted once, a duplicate, or quarantined with a reason
+        assert r["rows_in"] == r["accepted"] + r["duplicates"] + r["quarantined"]
+    assert sum(r["rows_in"] for r in reports) == sum(len(lines[10 * i: 10 * i + 30]) for i in range(8))
+    current = current_version()
+    assert sum(current.manifest["rows"].values()) - rows_before == sum(r["accepted"] for r in reports)
+    # one clean chain of versions: each adds exactly one drop to its parent, none twice
+    chain, version = [], current
+    while version is not None:
+        chain.append(version)
+        parent = version.manifest["parent"]
+        version = DatasetVersion(home / "datasets" / parent) if parent else None
+    drop_ids = [d["drop_id"] for d in current.manifest["drops"]]
+    assert len(drop_ids) == len(set(drop_ids)) == len(chain)
+    assert sorted(d for d in drop_ids if d.startswith("burst-")) == sorted(
+        f"burst-{i}" for i, r in enumerate(reports) if r["accepted"] > 0)
+    assert len([r for r in api.flow_runs() if r["flow"] == "ingest_drop"]) == before + 8
