@@ -158,7 +158,7 @@ def sft_pipeline(
             report = exc.report
         summary["drops"].append({k: report.get(k) for k in ("drop_id", "status", "noop", "rows_in", "accepted",
                                                              "duplicates", "quarantined", "reasons",
-                                                             "dataset_version")})
+                                                             "dataset_version", "dataset_rows")})
 
     current = current_version(workspace)
     if current is None:

@@ -327,8 +327,7 @@ def _chat_hint(published: dict | None, workspace: Workspace) -> str:
 
 
 def _pipeline_summary(result: dict, workspace: Workspace) -> str:
-    lines = [_ingest_summary(d | {"dataset_rows": result.get("dataset_rows", {"train": "?", "eval": "?"}),
-                                  "held_back": 0, "files": []}) for d in result["drops"]]
+    lines = [_ingest_summary({"held_back": 0, **d}) for d in result["drops"]]
     if result.get("reason"):
         lines.append(f"\n{result['reason']}")
     if training := result.get("training"):
