@@ -49,6 +49,16 @@ def _retry_if_worker_died(task, task_run, state) -> bool:
     return False
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the process that started it dies, so a
+    killed flow run leaves no orphan trainer writing into the run directory its retry resumes from."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def read_events(run_dir: Path) -> list[dict]:
     path = run_dir / "progress.jsonl"
     if not path.exists():
@@ -83,6 +93,7 @@ def train_model(run_dir: Path, model_path: str, config: RunConfig, engine: str) 
         proc = subprocess.Popen(
             [sys.executable, "-m", "tasks.engines.worker", str(spec)],
             stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         (run_dir / "worker.pid").write_text(str(proc.pid))
         end, error, bar, max_steps = None, None, None, 0

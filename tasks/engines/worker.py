@@ -43,6 +43,22 @@ def emit(event: str, **fields) -> None:
     _events.flush()
 
 
+def exit_with_parent(interval_s: float = 1.0) -> None:
+    """Exit when the process that started this one dies (the flow run killed, or `torchrun`'s agent
+    under it): a trainer left running would write into the run directory the retry resumes from."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def peak_memory_gib() -> float:
     import torch
 
@@ -88,6 +104,7 @@ def sft_trainer_class():
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    exit_with_parent()
     claim_stdout()
     from tasks.engines import load_engine
 
