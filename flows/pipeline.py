@@ -22,7 +22,7 @@ has its own run).
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -32,7 +32,7 @@ from flows.evaluate import evaluate_adapter
 from flows.export import export_model
 from flows.ingest import ingest_drop
 from flows.publish import publish_model
-from flows.train import new_run_id, train_adapter
+from flows.train import run_summary, train_adapter
 from schemas.config import IngestConfig, RunConfig, config_hash, load_run_config
 from sftflow.atomic import read_json
 from sftflow.errors import DropRejectedError, SftflowError
@@ -42,6 +42,7 @@ from tasks.format import current_version, find_version
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "flows/configs/tiny_cpu.yaml"
 TRAIN_DEPLOYMENT = "train_adapter/train"
+TRAIN_ATTEMPTS = 3  # a training flow run that crashes (its process killed) is started again this often
 
 
 def resolve_config_path(config: str) -> Path:
@@ -62,9 +63,31 @@ def published_with(workspace: Workspace, name: str, dataset_version: str, config
     return None
 
 
+def pipeline_run_id(workspace: Workspace, config: RunConfig, dataset_version: str, force: bool) -> str:
+    """The run directory this pipeline trains in: one per dataset version and config.
+
+    The same id comes back until that run has finished, so a pipeline run that dies (its process
+    killed, its host lost) and is started again resumes the training from its last checkpoint
+    instead of starting over. A finished run is reused (its adapter is evaluated, exported and
+    published as if just trained) unless `force`, which starts a new attempt (`-r2`, `-r3`, ...).
+    """
+    base = f"{config.name}-{dataset_version}-{config_hash(config)[:8]}"
+    pattern = re.compile(re.escape(base) + r"(?:-r(\d+))?")
+    attempts = sorted((int(m.group(1) or 1), path.name) for path in workspace.runs.glob(f"{base}*")
+                      if (m := pattern.fullmatch(path.name)))
+    if not attempts:
+        return base
+    number, latest = attempts[-1]
+    if force and (workspace.runs / latest / "manifest.json").exists():
+        return f"{base}-r{number + 1}"
+    return latest
+
+
 def train_deployment_available() -> bool:
-    """True when a Prefect server is configured and it has the train deployment (for the gpu pool)."""
-    if not os.environ.get("PREFECT_API_URL"):
+    """True when a Prefect server is configured (environment or profile) and it has the train deployment."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
         return False
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -78,32 +101,45 @@ def train_deployment_available() -> bool:
 
 
 def train_stage(config: RunConfig, dataset_version: str, run_id: str) -> dict:
-    """Train on the gpu pool when the deployment exists, else here; the run directory is the result."""
-    logger = get_run_logger()
-    workspace = Workspace.from_env()
-    if train_deployment_available():
-        from prefect.deployments import run_deployment
+    """Train on the gpu pool when the deployment exists, else here; the run directory is the result.
 
-        logger.info("training run %s on the gpu pool (deployment %s)", run_id, TRAIN_DEPLOYMENT)
+    A run that already finished is not trained again. A training flow run on the gpu pool that
+    crashes (its process killed, out of memory, the worker's host lost) is started again with the
+    same run id, up to TRAIN_ATTEMPTS times; it resumes from the last checkpoint.
+    """
+    logger = get_run_logger()
+    run_dir = Workspace.from_env().runs / run_id
+    if (run_dir / "manifest.json").exists():
+        logger.info("run %s finished training earlier: reusing its adapter", run_id)
+        return run_summary(run_dir)
+    if not train_deployment_available():
+        logger.info("training run %s in this process (no server, or no %s deployment)", run_id, TRAIN_DEPLOYMENT)
+        return train_adapter(config=config, dataset_version=dataset_version, run_id=run_id)
+
+    from prefect.deployments import run_deployment
+
+    attempt = 0
+    while True:
+        attempt += 1
+        logger.info("training run %s on the gpu pool (deployment %s, attempt %s of %s)", run_id, TRAIN_DEPLOYMENT,
+                    attempt, TRAIN_ATTEMPTS)
         flow_run = run_deployment(
             TRAIN_DEPLOYMENT,
             parameters={"config": config.model_dump(mode="json"), "dataset_version": dataset_version, "run_id": run_id},
             as_subflow=True,
             timeout=None,
         )
-        if not flow_run.state or not flow_run.state.is_completed():
-            state = flow_run.state.name if flow_run.state else "unknown"
-            raise SftflowError(f"training flow run {flow_run.name} ({flow_run.id}) ended {state}: see its logs in the "
-                               f"dashboard; the run directory is {workspace.runs / run_id}")
-        manifest = read_json(workspace.runs / run_id / "manifest.json")
-        return {"run_id": run_id, "run_dir": str(workspace.runs / run_id), "adapter_dir": manifest["adapter_dir"],
-                "engine": manifest["engine"], "global_step": manifest["global_step"],
-                "loss_first": manifest["loss_first"], "loss_last": manifest["loss_last"],
-                "trained_tokens": manifest["trained_tokens"], "tokens_per_s": manifest["tokens_per_s"],
-                "peak_mem_gib": manifest["peak_mem_gib"], "dataset_version": dataset_version,
-                "config_hash": manifest["config_hash"]}
-    logger.info("training run %s in this process (no server, or no %s deployment)", run_id, TRAIN_DEPLOYMENT)
-    return train_adapter(config=config, dataset_version=dataset_version, run_id=run_id)
+        state = flow_run.state
+        if state is not None and state.is_completed():
+            return run_summary(run_dir)
+        ended = state.name if state else "unknown"
+        if state is not None and state.is_crashed() and attempt < TRAIN_ATTEMPTS:
+            logger.warning("training flow run %s ended %s (%s): starting it again, it resumes from the last "
+                           "checkpoint in %s", flow_run.name, ended, state.message, run_dir)
+            continue
+        raise SftflowError(f"training flow run {flow_run.name} ({flow_run.id}) ended {ended} (attempt {attempt} of "
+                           f"{TRAIN_ATTEMPTS}): see its logs in the dashboard; the run directory is {run_dir}; "
+                           "running the pipeline again resumes from its last checkpoint")
 
 
 def _summary_markdown(summary: dict) -> str:
@@ -179,7 +215,7 @@ def sft_pipeline(
                   f"registry {run_config.name}/{already}; nothing to do (force=True retrains)")
         return _finish(summary | {"status": "skipped", "reason": reason, "registry_version": already}, logger)
 
-    run_id = new_run_id(run_config)
+    run_id = pipeline_run_id(workspace, run_config, version, force)
     summary["training"] = train_stage(run_config, version, run_id)
     evaluation = evaluate_adapter(run_id=run_id)
     summary["evaluation"] = {k: evaluation[k] for k in ("scores", "decision")}

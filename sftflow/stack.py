@@ -8,7 +8,10 @@
     worker-gpu  prefect worker start --pool gpu     (training; the pool runs one flow at a time)
     watcher     sftflow watch                       (announces complete drops in the landing zone)
 
-after creating the `cpu` and `gpu` process work pools and deploying prefect.yaml. What it started is
+after creating the `cpu` and `gpu` process work pools, deploying prefect.yaml and creating the
+automation that marks a flow run Crashed when its heartbeats stop (its process or host is gone
+without a word: a worker's host lost, an OOM kill of the whole group), so that a waiting pipeline
+starts its training again instead of waiting for ever. What it started is
 recorded in stack/state.json; `down` stops exactly those processes (each is checked to still be the
 one started, by a stack id in its environment, before it is signalled), nothing else.
 """
@@ -32,6 +35,9 @@ from sftflow.workspace import Workspace
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 POOLS = {"cpu": None, "gpu": 1}  # name -> concurrency limit
+HEARTBEAT_SECONDS = 30  # flow runs of the workers send a heartbeat this often (Prefect's minimum)
+SILENT_SECONDS = 90  # ... and are marked Crashed when none came for this long
+ZOMBIE_AUTOMATION = "sftflow: crash flow runs that stopped sending heartbeats"
 
 
 class StackError(SftflowError):
@@ -86,6 +92,7 @@ def stack_env(workspace: Workspace, api_url: str, stack_id: str, database_url: s
         "SFTFLOW_PROJECT_DIR": str(PROJECT_DIR),
         "SFTFLOW_PROGRESS": "0",  # workers log progress events; no progress bar in their logs
         "SFTFLOW_STACK_ID": stack_id,
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
     })
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
@@ -122,13 +129,47 @@ def _wait_healthy(api_url: str, server: dict, stack_id: str, timeout: float) -> 
     raise StackError(f"the Prefect server did not answer at {api_url}/health within {timeout:.0f} s; see {server['log']}")
 
 
+def ensure_zombie_automation(api_url: str) -> None:
+    """Create (once per database) the automation of Prefect's "detect zombie flows" recipe: a flow run
+    whose heartbeat is followed by neither another heartbeat nor a final state within SILENT_SECONDS
+    is set to Crashed."""
+    from datetime import timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    automation = AutomationCore(
+        name=ZOMBIE_AUTOMATION,
+        description="A flow run that stopped sending heartbeats has lost its process; mark it Crashed so "
+                    "that whatever waits on it (a pipeline's training stage) can start it again.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=SILENT_SECONDS),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {SILENT_SECONDS} s: the flow run's process is gone")],
+    )
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        if not client.read_automations_by_name(ZOMBIE_AUTOMATION):
+            client.create_automation(automation)
+
+
 def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database_url: str | None = None,
        watch: bool = True, quiet_seconds: float = 30.0, interval: float = 5.0, log=print) -> dict:
     """Start server, pools, deployments, workers and watcher; returns the state (also in stack/state.json)."""
     workspace.ensure()
     if (running := read_state(workspace)) and any(is_ours(p, running["stack_id"]) for p in running["processes"].values()):
-        raise StackError(f"a stack started from this workspace is running ({running['dashboard_url']}); "
-                         "`sftflow status` shows it, `sftflow down` stops it")
+        return restart_stopped(workspace, running, log)
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise StackError(f"--host {host}: the stack listens on loopback only; put a reverse proxy with "
                          "authentication in front of it to share it")
@@ -159,6 +200,7 @@ def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database
                      f"limiting work pool {pool}", logs)
         log("deploying prefect.yaml")
         _run([prefect, "--no-prompt", "deploy", "--all"], env, "prefect deploy --all", logs)
+        ensure_zombie_automation(api_url)
         for pool in POOLS:
             state["processes"][f"worker-{pool}"] = _spawn(
                 f"worker-{pool}", [prefect, "worker", "start", "--pool", pool, "--name", f"sftflow-{pool}"], env, logs)
@@ -171,6 +213,26 @@ def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database
         down(workspace)
         raise
     return state
+
+
+def restart_stopped(workspace: Workspace, state: dict, log=print) -> dict:
+    """`up` on a running stack: start again the workers and the watcher that have stopped (killed, or
+    their host rebooted); the server's flow runs that were lost with them are marked Crashed by the
+    heartbeat automation and started again by whatever waits on them."""
+    stack_id = state["stack_id"]
+    stopped = [name for name, proc in state["processes"].items() if not is_ours(proc, stack_id)]
+    if not stopped:
+        raise StackError(f"a stack started from this workspace is running ({state['dashboard_url']}); "
+                         "`sftflow status` shows it, `sftflow down` stops it")
+    if "server" in stopped:
+        raise StackError(f"the Prefect server of the stack at {state['dashboard_url']} has stopped: "
+                         "`sftflow down`, then `sftflow up` (the database keeps every run)")
+    env = stack_env(workspace, state["api_url"], stack_id, None)  # the server alone reads the database URL
+    for name in stopped:
+        state["processes"][name] = _spawn(name, state["processes"][name]["command"], env, workspace.stack / "logs")
+        log(f"restarted {name} (it had stopped)")
+    write_json_atomic(state_path(workspace), state)
+    return state | {"restarted": stopped}
 
 
 def status(workspace: Workspace) -> dict:

@@ -33,6 +33,10 @@ def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(w
     assert summary["status"] == "published", summary
     assert summary["drops"][0]["accepted"] > 0 and summary["dataset_version"].startswith("ds-")
     assert summary["training"]["global_step"] == 30
+    from schemas.config import config_hash, load_run_config
+
+    digest = config_hash(load_run_config(CONFIG, QUICK))
+    assert summary["training"]["run_id"] == f"tiny-sft-{summary['dataset_version']}-{digest[:8]}"
     assert summary["evaluation"]["decision"]["promote"]
     assert summary["gguf"]["parity"]["f16"]["passed"]
     assert summary["published"]["version"] == "v0001" and summary["published"]["promoted"]
@@ -56,3 +60,21 @@ def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(w
 def test_pipeline_without_any_dataset_says_what_to_do(workspace):
     with pytest.raises(SftflowError, match="ingest a drop first"):
         sft_pipeline(config=CONFIG)
+
+
+def test_the_pipeline_trains_in_one_run_directory_per_dataset_version_and_config(workspace):
+    from flows.pipeline import pipeline_run_id
+    from schemas.config import config_hash, load_run_config
+
+    config = load_run_config(CONFIG, QUICK)
+    base = f"tiny-sft-ds-0123-{config_hash(config)[:8]}"
+    assert pipeline_run_id(workspace, config, "ds-0123", force=False) == base
+    (workspace.runs / base / "checkpoints").mkdir(parents=True)  # killed mid-run: the next run resumes it
+    assert pipeline_run_id(workspace, config, "ds-0123", force=True) == base
+    (workspace.runs / base / "manifest.json").write_text("{}")  # finished: reused, or a new attempt when forced
+    assert pipeline_run_id(workspace, config, "ds-0123", force=False) == base
+    assert pipeline_run_id(workspace, config, "ds-0123", force=True) == f"{base}-r2"
+    (workspace.runs / f"{base}-r2").mkdir()
+    assert pipeline_run_id(workspace, config, "ds-0123", force=True) == f"{base}-r2"
+    assert pipeline_run_id(workspace, config, "ds-0124", force=False) != base  # another version, another run
+    assert pipeline_run_id(workspace, load_run_config(CONFIG, ["train.max_steps=31"]), "ds-0123", False) != base

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLE_DROPS
+from tests.conftest import ROOT, SAMPLE_DROPS, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -28,14 +28,6 @@ SFTFLOW = str(Path(sys.executable).parent / "sftflow")
 PREFECT = str(Path(sys.executable).parent / "prefect")
 QUICK = ["train.max_steps=40", "train.save_steps=10", "eval.primary_metric=eval_loss", "eval.sample_size=8",
          "export.quants=[f16]", "export.parity_prompts=4"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:
