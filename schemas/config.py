@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sftflow.errors import ConfigError
 
@@ -118,6 +118,14 @@ class TrainConfig(StrictModel):
     optim: str = Field("adamw_torch", description="Optimizer name as in transformers (e.g. adamw_8bit on CUDA).")
     batch_size: int = Field(8, gt=0, description="Rows (or packed sequences) per device per micro-batch.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    num_gpus: int | Literal["auto"] = Field(
+        1,
+        description="GPUs of this host to train on, data-parallel (DDP through torchrun: one rank per GPU, each with "
+        "a whole copy of the model). 'auto' = every visible CUDA GPU (1 on a machine without CUDA). The global batch "
+        "per optimizer step is batch_size x gradient_accumulation_steps x num_gpus, so to compare with a 1-GPU run "
+        "divide gradient_accumulation_steps (or batch_size) by num_gpus. Checked against the GPUs the worker sees "
+        "before the run starts.",
+    )
     packing: bool = Field(
         False, description="Pack several rows into each max_seq_length sequence (padding-free, no cross-row attention)."
     )
@@ -133,6 +141,13 @@ class TrainConfig(StrictModel):
     report_to: list[str] = Field(
         ["tensorboard"], description="Trackers, as trl's report_to (tensorboard, mlflow, wandb, ...); [] for none."
     )
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _at_least_one_gpu(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError("must be at least 1, or auto for every visible GPU")
+        return value
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainConfig":

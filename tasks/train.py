@@ -4,6 +4,12 @@
 logs, a progress artifact and (for CLI runs) a progress bar on stderr. If the worker dies (a kill,
 an OOM), the task fails with `WorkerDiedError` and Prefect retries it: the new worker resumes from
 the last checkpoint in the run directory, so the run finishes with the same number of steps.
+
+With `train.num_gpus` > 1 (or `auto` on a host with several GPUs) the worker runs under
+`python -m torch.distributed.run --standalone --nproc_per_node=N`: one DDP rank per GPU, rank 0 alone
+reporting progress and writing checkpoints and the adapter. The global batch is per-device batch x
+gradient accumulation x N. Tests run the same path on a machine without CUDA through
+`SFTFLOW_CPU_RANKS=N`, honoured only there: N ranks on the CPU with torch's gloo backend.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from schemas.config import RunConfig, config_hash
+from schemas.config import RunConfig, TrainConfig, config_hash
 from sftflow.atomic import read_json, write_json_atomic
-from sftflow.errors import SftflowError
-from tasks.preflight import check_training_fits
+from sftflow.errors import ConfigError, SftflowError
+from tasks.engines import data_parallel_problem
+from tasks.preflight import ResourceError, check_training_fits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +66,43 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+# NVLink multicast must stay off on the lent multi-GPU machines (../shared/gpu/README.md); harmless elsewhere.
+DATA_PARALLEL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def training_ranks(train: TrainConfig) -> int:
+    """How many data-parallel ranks train: `train.num_gpus` checked against the visible CUDA GPUs.
+
+    On a machine without CUDA, SFTFLOW_CPU_RANKS=N (tests only) runs N gloo ranks on the CPU instead.
+    """
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cpu_ranks = os.environ.get("SFTFLOW_CPU_RANKS")
+    if visible == 0 and cpu_ranks:
+        return int(cpu_ranks)
+    if train.num_gpus == "auto":
+        return max(1, visible)
+    if train.num_gpus > 1 and train.num_gpus > visible:
+        seen = f"{visible} visible CUDA GPU{'s' if visible != 1 else ''}" if visible else "no CUDA GPU"
+        masked = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ResourceError(
+            f"train.num_gpus={train.num_gpus}, but this worker sees {seen}"
+            + (f" (CUDA_VISIBLE_DEVICES={masked})" if masked is not None else "")
+            + f". Set train.num_gpus={max(1, visible)} (or auto for every visible GPU), or run on a worker with "
+            f"{train.num_gpus} GPUs"
+        )
+    return train.num_gpus
+
+
+def worker_command(spec: Path, ranks: int) -> list[str]:
+    """The training subprocess: the worker itself, or torchrun starting one worker per rank."""
+    if ranks == 1:
+        return [sys.executable, "-m", "tasks.engines.worker", str(spec)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+            "-m", "tasks.engines.worker", str(spec)]
+
+
 def read_events(run_dir: Path) -> list[dict]:
     path = run_dir / "progress.jsonl"
     if not path.exists():
@@ -82,16 +126,26 @@ def train_model(run_dir: Path, model_path: str, config: RunConfig, engine: str) 
     import torch
 
     logger = get_run_logger()
+    ranks = training_ranks(config.train)
+    if ranks > 1 and (problem := data_parallel_problem(engine)):
+        raise ConfigError(f"the {engine} engine cannot train on {ranks} GPUs: {problem}. Set train.engine=hf, or "
+                          "train.num_gpus=1")
     check_training_fits(model_path, config, cuda=torch.cuda.is_available(), log=logger.info)
     spec = run_dir / "worker_spec.json"
     write_json_atomic(spec, {"run_dir": str(run_dir), "model_path": model_path, "engine": engine,
                              "config": config.model_dump(mode="json")})
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if ranks > 1:
+        env.update(DATA_PARALLEL_ENV)
+        t = config.train
+        logger.info("data-parallel on %s ranks: global batch %s = %s per device x %s accumulation x %s ranks",
+                    ranks, t.batch_size * t.gradient_accumulation_steps * ranks, t.batch_size,
+                    t.gradient_accumulation_steps, ranks)
     progress_id = create_progress_artifact(progress=0.0, description=f"Training {run_dir.name}")
     with open(run_dir / "worker.log", "a") as log, open(run_dir / "progress.jsonl", "a") as events:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tasks.engines.worker", str(spec)],
+            worker_command(spec, ranks),
             stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
@@ -187,6 +241,14 @@ def hardware() -> dict:
     return info
 
 
+BATCH_KEYS = ("world_size", "per_device_batch_size", "gradient_accumulation_steps", "global_batch_size")
+
+
+def batch_fields(end: dict) -> dict:
+    """How the run batched (from the worker's end event): comparable across GPU counts by global_batch_size."""
+    return {key: end.get(key) for key in BATCH_KEYS}
+
+
 @task(cache_policy=NO_CACHE)
 def record_run(run_dir: Path, config: RunConfig, dataset_dir: str, model_path: str, engine: str, tokenized: dict,
                end: dict) -> dict:
@@ -218,6 +280,8 @@ def record_run(run_dir: Path, config: RunConfig, dataset_dir: str, model_path: s
         "train_runtime_s": end["train_runtime"],
         "tokens_per_s": round(end["trained_tokens"] / end["train_runtime"], 1) if end["train_runtime"] else None,
         "peak_mem_gib": end["peak_mem_gib"],
+        "peak_mem_gib_per_rank": end.get("peak_mem_gib_per_rank"),
+        **batch_fields(end),
         "tokenized": {k: {kk: vv for kk, vv in v.items() if kk != "example_markdown"} if isinstance(v, dict) else v
                       for k, v in tokenized.items()},
         "adapter_dir": end["adapter_dir"],

@@ -5,15 +5,22 @@ exits, a kill is survived (the retried task starts a new worker that resumes fro
 checkpoint), and `accelerate launch` / `torchrun` can run it on several GPUs. It reads tokenized
 rows from the run directory and reports progress on stdout as JSON lines, one event per line:
 
-    {"event": "begin", "max_steps": 120, "resumed_from_step": 40}
+    {"event": "begin", "max_steps": 120, "resumed_from_step": 40, "world_size": 2, "per_device_batch_size": 8,
+     "gradient_accumulation_steps": 1, "global_batch_size": 16}
     {"event": "log", "step": 45, "loss": 1.23, "learning_rate": 1e-4, "epoch": 1.1, "trained_tokens": 51234}
     {"event": "checkpoint", "step": 60}
     {"event": "eval", "step": 60, "eval_loss": 1.4}
     {"event": "end", "global_step": 120, "train_runtime": 33.1, "trained_tokens": ..., "peak_mem_gib": ...,
+     "peak_mem_gib_per_rank": [...], "world_size": 2, ... (as in begin),
      "attention_calls": {"varlen": 3840}}   (the attention path each call took, see packed_attention.CALLS)
     {"event": "error", "message": "model.load_in_4bit needs CUDA ..."}   (bad input; exit status 2)
 
 Everything else (library logs, warnings) goes to stderr, which the task saves to worker.log.
+
+Under torchrun (several GPUs, DDP) every rank runs this module; rank 0 alone emits events (errors
+excepted) and writes the adapter; transformers' Trainer writes checkpoints from rank 0 only (each rank
+adds its RNG state) and every rank resumes from the same last checkpoint. Token counts in events are
+summed over the ranks, peak memory is each rank's own.
 """
 
 from __future__ import annotations
@@ -67,6 +74,18 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def sum_over_ranks(values: list[float], device) -> list[float]:
+    """Element-wise sum over the data-parallel ranks (a collective: every rank must call it); as is alone."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    summed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
 class CountingCollator:
     """Wraps the collator to count the tokens that carry a label (the ones the model learns) and the
     tokens that are not padding (the ones the model computes on usefully)."""
@@ -82,6 +101,33 @@ class CountingCollator:
         mask = batch.get("attention_mask")
         self.non_pad_tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
         return batch
+
+
+class TrainedTokens:
+    """Counts the tokens of the micro-batches the trainer trains on: those with a label (the ones the model
+    learns) and those that are not padding. Counted as each micro-batch enters `training_step`, not in the
+    collator: the dataloader collates one batch ahead, which a collator would count without its being trained
+    (per rank, so the count would depend on the number of ranks). Sums stay on the device until read."""
+
+    def __init__(self, trainer):
+        self._trained, self._non_pad = 0, 0
+        step = trainer.training_step
+
+        def counted_training_step(model, inputs, *args, **kwargs):
+            self._trained = self._trained + (inputs["labels"] != -100).sum()
+            mask = inputs.get("attention_mask")
+            self._non_pad = self._non_pad + (mask.sum() if mask is not None else inputs["input_ids"].numel())
+            return step(model, inputs, *args, **kwargs)
+
+        trainer.training_step = counted_training_step
+
+    @property
+    def trained_tokens(self) -> int:
+        return int(self._trained)
+
+    @property
+    def non_pad_tokens(self) -> int:
+        return int(self._non_pad)
 
 
 def sft_trainer_class():
@@ -121,7 +167,7 @@ def main(spec_path: str) -> None:
     config = RunConfig.model_validate(spec["config"])
     run_dir = Path(spec["run_dir"])
     checkpoints = run_dir / "checkpoints"
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    rank, is_main = int(os.environ.get("RANK", "0")), int(os.environ.get("RANK", "0")) == 0
     datasets.disable_progress_bars()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
 
@@ -164,21 +210,29 @@ def main(spec_path: str) -> None:
         eval_dataset=eval_rows if len(eval_rows) else None,
         processing_class=tokenizer,
     )
-    counter = CountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
+    counter = TrainedTokens(trainer)
     session_start = time.monotonic()
+    batching = {"world_size": args.world_size, "per_device_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+                * args.world_size}
 
     class Progress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             if is_main:
-                emit("begin", max_steps=state.max_steps, resumed_from_step=state.global_step)
+                emit("begin", max_steps=state.max_steps, resumed_from_step=state.global_step, **batching)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not is_main or not logs:
+            # Every rank logs at the same steps (the Trainer reduces the loss across them), so the token
+            # count can be summed here; only rank 0 reports.
+            if not logs or "loss" not in logs and "eval_loss" not in logs:
+                return
+            trained_tokens = int(sum_over_ranks([counter.trained_tokens], args.device)[0])
+            if not is_main:
                 return
             if "loss" in logs:
                 emit("log", step=state.global_step, loss=logs["loss"], learning_rate=logs.get("learning_rate"),
-                     epoch=logs.get("epoch"), grad_norm=logs.get("grad_norm"), trained_tokens=counter.trained_tokens,
+                     epoch=logs.get("epoch"), grad_norm=logs.get("grad_norm"), trained_tokens=trained_tokens,
                      elapsed_s=round(time.monotonic() - session_start, 3))
             if "eval_loss" in logs:
                 emit("eval", step=state.global_step, eval_loss=logs["eval_loss"])
@@ -190,6 +244,11 @@ def main(spec_path: str) -> None:
     trainer.add_callback(Progress())
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     result = trainer.train(resume_from_checkpoint=last)
+    train_runtime = time.monotonic() - session_start
+    world = args.world_size
+    peaks = [0.0] * world
+    peaks[rank] = peak_memory_gib()
+    totals = sum_over_ranks([counter.trained_tokens, counter.non_pad_tokens, *peaks], args.device)
     if not is_main:
         return
 
@@ -204,11 +263,13 @@ def main(spec_path: str) -> None:
     emit(
         "end",
         global_step=trainer.state.global_step,
-        train_runtime=round(time.monotonic() - session_start, 3),
-        trained_tokens=counter.trained_tokens,
-        non_pad_tokens=counter.non_pad_tokens,
+        train_runtime=round(train_runtime, 3),
+        trained_tokens=int(totals[0]),
+        non_pad_tokens=int(totals[1]),
         train_loss=result.training_loss,
-        peak_mem_gib=round(peak_memory_gib(), 3),
+        peak_mem_gib=round(max(totals[2:]), 3),
+        peak_mem_gib_per_rank=[round(p, 3) for p in totals[2:]],
+        **batching,
         adapter_dir=str(final),
         attention_calls=dict(packed_attention.CALLS),
     )

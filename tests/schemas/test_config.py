@@ -60,3 +60,12 @@ def test_unreadable_config(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="YAML mapping"):
         load_run_config(tmp_path / "list.yaml")
+
+
+def test_num_gpus_is_a_count_or_auto():
+    assert load_run_config(SHIPPED[0]).train.num_gpus == 1
+    assert load_run_config(SHIPPED[0], ["train.num_gpus=auto"]).train.num_gpus == "auto"
+    assert load_run_config(SHIPPED[0], ["train.num_gpus=4"]).train.num_gpus == 4
+    for bad in ("0", "all", "1.5"):
+        with pytest.raises(ConfigError, match="train.num_gpus"):
+            load_run_config(SHIPPED[0], [f"train.num_gpus={bad}"])
