@@ -36,6 +36,7 @@ from flows.train import run_summary, train_adapter
 from schemas.config import IngestConfig, RunConfig, config_hash, load_run_config
 from sftflow.atomic import read_json
 from sftflow.errors import DropRejectedError, SftflowError
+from sftflow.summaries import pipeline_text
 from sftflow.workspace import Workspace
 from tasks.format import current_version, find_version
 
@@ -142,29 +143,6 @@ def train_stage(config: RunConfig, dataset_version: str, run_id: str) -> dict:
                            "running the pipeline again resumes from its last checkpoint")
 
 
-def _summary_markdown(summary: dict) -> str:
-    lines = [f"# sft_pipeline: {summary['status']}", ""]
-    for drop in summary["drops"]:
-        lines.append(f"- drop `{drop['drop_id']}`: {drop['status']}{' (no-op)' if drop.get('noop') else ''}, "
-                     f"rows in {drop['rows_in']}, accepted {drop['accepted']}, duplicates {drop['duplicates']}, "
-                     f"quarantined {drop['quarantined']}")
-    lines.append(f"- dataset version `{summary['dataset_version']}`")
-    if summary.get("reason"):
-        lines.append(f"- {summary['reason']}")
-    if summary.get("training"):
-        t = summary["training"]
-        lines.append(f"- run `{t['run_id']}` ({t['engine']}): loss {t['loss_first']:.3f} -> {t['loss_last']:.3f}")
-    if summary.get("evaluation"):
-        for model, scores in summary["evaluation"]["scores"].items():
-            lines.append(f"  - {model}: eval loss {scores['eval_loss']:.3f}, ROUGE-L {scores['rouge_l']:.3f}")
-        lines.append(f"- decision: {summary['evaluation']['decision']['reason']}")
-    if summary.get("published"):
-        p = summary["published"]
-        lines.append(f"- published `{p['name']} {p['version']}` at `{p['path']}`"
-                     f"{' (champion)' if p['promoted'] else ''}")
-    return "\n".join(lines)
-
-
 @flow(name="sft_pipeline")
 def sft_pipeline(
     drops: list[str] | None = None,
@@ -233,6 +211,7 @@ def sft_pipeline(
 def _finish(summary: dict, logger) -> dict:
     if summary.get("reason"):
         logger.info(summary["reason"])
-    create_markdown_artifact(key="pipeline-summary", markdown=_summary_markdown(summary),
+    markdown = f"# sft_pipeline: {summary['status']}\n\n```\n{pipeline_text(summary)}\n```\n"
+    create_markdown_artifact(key="pipeline-summary", markdown=markdown,
                              description="What this sft_pipeline run did")
     return summary

@@ -18,6 +18,7 @@ import orjson
 import typer
 
 from sftflow.errors import DropRejectedError, SftflowError
+from sftflow.summaries import drop_text, pipeline_text
 from sftflow.workspace import Workspace, configure_prefect_env
 
 app = typer.Typer(
@@ -53,19 +54,6 @@ def _flow_session() -> Iterator[Workspace]:
 def _fail(exc: SftflowError) -> None:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(1 if isinstance(exc, DropRejectedError) else 2)
-
-
-def _ingest_summary(report: dict) -> str:
-    rows = report["dataset_rows"]
-    reasons = ", ".join(f"{k}={v}" for k, v in report.get("reasons", {}).items()) or "none"
-    head = "already ingested (no-op)" if report.get("noop") else report["status"]
-    return (
-        f"drop {report['drop_id']}: {head}\n"
-        f"  rows in {report['rows_in']} = accepted {report['accepted']} + duplicates {report['duplicates']} + "
-        f"quarantined {report['quarantined']}" + (f" + held back {report['held_back']}" if report["held_back"] else "")
-        + f"\n  reasons: {reasons}\n"
-        f"  dataset {report['dataset_version']} (train {rows['train']}, eval {rows['eval']})"
-    )
 
 
 INGEST_KEYS = (
@@ -124,7 +112,7 @@ def ingest(
         _fail(exc)
     except SftflowError as exc:
         _fail(exc)
-    _emit({k: report.get(k) for k in INGEST_KEYS}, as_json, _ingest_summary(report))
+    _emit({k: report.get(k) for k in INGEST_KEYS}, as_json, drop_text(report))
 
 
 def _pydantic_message(exc: Exception) -> str:
@@ -327,27 +315,8 @@ def _chat_hint(published: dict | None, workspace: Workspace) -> str:
 
 
 def _pipeline_summary(result: dict, workspace: Workspace) -> str:
-    lines = [_ingest_summary({"held_back": 0, **d}) for d in result["drops"]]
-    if result.get("reason"):
-        lines.append(f"\n{result['reason']}")
-    if training := result.get("training"):
-        lines.append(f"\ntraining run {training['run_id']} ({training['engine']} engine): loss "
-                     f"{training['loss_first']:.3f} -> {training['loss_last']:.3f} in {training['global_step']} steps")
-        lines.append(f"  adapter: {training['adapter_dir']}")
-    if evaluation := result.get("evaluation"):
-        for model, scores in evaluation["scores"].items():
-            lines.append(f"  {model:<9} eval loss {scores['eval_loss']:.3f}  rouge-L {scores['rouge_l']:.3f}  "
-                         f"chrF {scores['chrf']:.1f}")
-        lines.append(f"  decision: {'promote' if evaluation['decision']['promote'] else 'keep'} "
-                     f"({evaluation['decision']['reason']})")
-    for kind, p in (result.get("gguf") or {}).get("parity", {}).items():
-        lines.append(f"  gguf {kind:<17} KL {p['kl']:.1e}  top-1 {p['top1']:.3f}  greedy {p['greedy_match']:.3f}")
-    if published := result.get("published"):
-        lines.append(f"\npublished {published['name']} {published['version']} "
-                     f"({'champion' if published['promoted'] else 'not promoted'}): {published['path']}")
-    lines.append(f"\nworkspace: {workspace.root}")
-    lines.append("chat with it: " + _chat_hint(published, workspace))
-    return "\n".join(lines)
+    return (f"{pipeline_text(result)}\n\nworkspace: {workspace.root}\n"
+            f"chat with it: {_chat_hint(result.get('published'), workspace)}")
 
 
 @app.command()

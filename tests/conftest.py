@@ -57,8 +57,14 @@ def shared_dataset(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
-    """One model cache (SFTFLOW_CACHE) for the session: the tiny model is built once (~1 minute)."""
-    cache = tmp_path_factory.mktemp("model-cache")
+    """One model cache (SFTFLOW_CACHE) for the session: the tiny model is built once (~1 minute).
+
+    SFTFLOW_TEST_CACHE=DIR keeps it in DIR across sessions (the model is deterministic and its
+    directory is named by a hash of its recipe): for running a few tests at a time while developing.
+    CI leaves it unset, so every run builds the model it tests.
+    """
+    kept = os.environ.get("SFTFLOW_TEST_CACHE")
+    cache = Path(kept) if kept else tmp_path_factory.mktemp("model-cache")
     os.environ["SFTFLOW_CACHE"] = str(cache)
     from sftflow.workspace import Workspace
     from tasks.base_model import tiny_model_dir

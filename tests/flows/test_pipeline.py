@@ -43,6 +43,17 @@ def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(w
     assert (workspace.registry / "tiny-sft" / "CHAMPION").read_text().strip() == "v0001"
     assert _subflows(state.state_details.flow_run_id) == sorted(
         ["ingest_drop", "train_adapter", "evaluate_adapter", "export_model", "publish_model"])
+    # the dashboard's summary artifact tells what the terminal prints
+    from prefect.client.orchestration import get_client
+
+    from sftflow.summaries import pipeline_text
+
+    with get_client(sync_client=True) as client:
+        [artifact] = [a for a in client.read_artifacts() if a.key == "pipeline-summary"
+                      and a.flow_run_id == state.state_details.flow_run_id]
+    text = pipeline_text(summary)
+    assert text in artifact.data and "published tiny-sft v0001 (champion)" in text
+    assert f"rows in {summary['drops'][0]['rows_in']} = accepted {summary['drops'][0]['accepted']}" in text
 
     # Same dataset version, same config: nothing to train, with the reason.
     again = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK)
