@@ -270,3 +270,17 @@ def test_export_gguf_parity_control_and_publish_with_gguf(workspace, dataset):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_checkpoint_written_only_in_part_is_not_resumed_from(tmp_path):
+    from tasks.engines.worker import last_complete_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    for step, state in [(10, '{"global_step": 10}'), (20, '{"global_step": 20}'), (30, '{"global_st'), (40, None)]:
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        (checkpoints / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"weights")
+        if state is not None:  # a kill while saving: trainer_state.json (written last) missing or cut short
+            (checkpoints / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(checkpoints) == str(checkpoints / "checkpoint-20")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-10", "checkpoint-20"]
+    assert last_complete_checkpoint(tmp_path / "none") is None
