@@ -24,6 +24,23 @@ labels) and given to every recipe, so they all see the same tokens:
 Each recipe runs in its own process (peak memory is per recipe) and prints one JSON line:
 {"bench": "train_gpu", "shape", "recipe", "trained_tokens_per_s", "non_pad_tokens_per_s",
 "peak_gib", "loss_first", "loss_last", "steps", ...}; all lines also go to OUT/train_gpu_<shape>.jsonl.
+
+Where a step's time goes: `--profile sftflow-unsloth-packed@32,dense` runs those recipes as usual, then
+profiles a few more steps with torch.profiler (bench/profile_step.py): wall time per step against
+the GPU's busy time, the idle gap split over the phases of the step, host syncs and copies per step,
+top CUDA and CPU ops, and the Python call sites of the syncs (OUT/profile_<model>_<recipe>.json, .txt).
+
+Several GPUs (data-parallel, as `train.num_gpus` runs it: torchrun, one rank per GPU):
+
+    python bench/train_gpu.py --shape 8b,1b --gpus 1,2 --steps 12 --data .gpu/alpaca_en_demo.json --out $OUT
+
+runs the project's path (sftflow-unsloth-packed; sftflow-hf-packed when that fails) on 1 and on 2 GPUs
+with the same global batch: N GPUs accumulate max(gpus)/N micro-batches, so every run takes the same
+rows in each optimizer step. Each run prints a line with "gpus", trained tokens/s in all and per GPU
+(over the steps after --warmup-steps), each rank's peak memory and the global batch; then per shape
+{"bench": "train_gpu_scaling", "shape", "recipe", "efficiency" (tokens/s on N / (N x tokens/s on 1),
+for the largest N), "loss_rel_diff" (mean loss of the last 5 steps, N GPUs against 1), ...}.
+`--budget-s` skips the runs that would start after that many seconds, so partial results still come back.
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +67,7 @@ SHAPES = {
 }
 ALL_RECIPES = ["sftflow-unsloth-packed", "sftflow-unsloth-unpacked", "ref-unsloth-notebook", "ref-hf-padded",
                "sftflow-hf-packed", "dense", "packing-parity"]
+PROFILE_STEPS = 5  # --profile: 3 steps timed by torch.profiler, one plain, one with Python stacks (sync call sites)
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -117,9 +136,14 @@ def build_tokenized(model_dir: Path, data: Path, repeat: int, work: Path) -> Pat
 
 
 def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, batch: int, steps: int,
-                work: Path, name: str) -> dict:
-    """The project's own training worker, exactly as the train task launches it."""
+                work: Path, name: str, gpus: int = 1, accumulation: int = 1, warmup_steps: int = 1,
+                profile: Path | None = None) -> dict:
+    """The project's own training worker, exactly as the train task launches it (under torchrun on
+    `gpus` > 1 GPUs, with the train task's environment). With `profile` (a path prefix), one GPU:
+    bench/profile_step.py starts the same worker and profiles PROFILE_STEPS more steps after `steps`
+    (left out of the timed window and the losses), writing its summary to <profile>.json and .txt."""
     from schemas.config import RunConfig
+    from tasks.train import DATA_PARALLEL_ENV, worker_command
 
     run_dir = work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: a checkpoint left there would be resumed
@@ -133,29 +157,43 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
         "model": {"name": str(model_dir), "load_in_4bit": True, "dtype": "bfloat16"},
         "lora": {"r": 16, "alpha": 16},
         "train": {"engine": engine, "max_seq_length": 2048, "packing": packing, "batch_size": batch,
-                  "max_steps": steps, "learning_rate": 2e-4, "optim": "adamw_8bit", "logging_steps": 1,
+                  "gradient_accumulation_steps": accumulation, "num_gpus": gpus,
+                  "max_steps": steps + (PROFILE_STEPS if profile else 0),
+                  "learning_rate": 2e-4, "optim": "adamw_8bit", "logging_steps": 1,
                   "save_steps": 100000, "report_to": [], "warmup_steps": 0},
     })
     spec = run_dir / "worker_spec.json"
     spec.write_text(json.dumps({"run_dir": str(run_dir), "model_path": str(model_dir), "engine": engine,
                                 "config": config.model_dump(mode="json")}))
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "tasks.engines.worker", str(spec)], capture_output=True, text=True,
-                          cwd=ROOT)
+    env = {**os.environ, **(DATA_PARALLEL_ENV if gpus > 1 else {})}
+    command = worker_command(spec, gpus)
+    if profile:  # the same worker plus the profiling callback: steps + 1 .. + 3 profiled, + 5 sync call sites
+        command = [sys.executable, str(ROOT / "bench" / "profile_step.py"), str(spec), str(profile), str(steps + 1),
+                   str(PROFILE_STEPS - 2)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # the worker's stdout is events only
     end = next((e for e in events if e["event"] == "end"), None)
     if proc.returncode != 0 or end is None:
         raise RuntimeError(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    logs = [e for e in events if e["event"] == "log"]
+    logs = [e for e in events if e["event"] == "log" and e["step"] <= steps]  # the profiled steps are not timed
     if len(logs) < 2:
         raise RuntimeError(f"worker logged {len(logs)} steps; end={end}\nstdout tail:\n{proc.stdout[-1500:]}"
                            f"\nstderr tail:\n{proc.stderr[-1500:]}")
-    # throughput over the steps after the first two (compilation and allocator warm-up)
-    first, last = logs[1], logs[-1]
+    # throughput over the steps after the warm-up ones (compilation, allocator, NCCL set-up)
+    first, last = logs[min(warmup_steps, len(logs) - 2)], logs[-1]
     window_s = last["elapsed_s"] - first["elapsed_s"]
     window_tokens = last["trained_tokens"] - first["trained_tokens"]
     return {
+        "gpus": end.get("world_size", 1),
+        "gradient_accumulation_steps": end.get("gradient_accumulation_steps"),
+        "global_batch_size": end.get("global_batch_size"),
         "trained_tokens_per_s": round(window_tokens / window_s, 1),
+        "trained_tokens_per_s_per_gpu": round(window_tokens / window_s / end.get("world_size", 1), 1),
+        "timed_steps": f"{first['step']}-{last['step']}",
+        "step_s": round(window_s / max(1, last["step"] - first["step"]), 4),
+        "peak_gib_per_gpu": end.get("peak_mem_gib_per_rank"),
+        "loss_last5_mean": round(sum(e["loss"] for e in logs[-5:]) / len(logs[-5:]), 5),
         "trained_tokens_per_s_whole_run": round(end["trained_tokens"] / end["train_runtime"], 1),
         "non_pad_tokens_per_s_whole_run": round(end["non_pad_tokens"] / end["train_runtime"], 1),
         "trained_share_of_non_pad": round(end["trained_tokens"] / max(1, end["non_pad_tokens"]), 4),
@@ -164,12 +202,29 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
         "loss_last": logs[-1]["loss"],
         "loss_mean": round(sum(e["loss"] for e in logs) / len(logs), 4),
         "steps": end["global_step"],
-        "tokens_per_step": batch * 2048 if packing else None,
+        "tokens_per_step": batch * 2048 * accumulation * gpus if packing else None,
         "attention_calls": end.get("attention_calls"),
+        "profile": _profile_line(profile) if profile else None,
         "unsloth_block_compile": [line[:200] for line in proc.stderr.splitlines()
                                   if "block compile failed" in line or "compiling each transformer block" in line][:5],
         "wall_s": round(time.monotonic() - started, 1),
     }
+
+
+def _profile_line(prefix: Path) -> dict:
+    """The profile's headline figures for the JSON line (the whole summary is in prefix.json / .txt)."""
+    path = prefix.with_suffix(".json")
+    if not path.exists():
+        return {"error": f"no {path.name}: see the recipe's .err"}
+    summary = json.loads(path.read_text())
+    timing = summary.get("timing", {})
+    line = {k: timing.get(k) for k in ("wall_ms_per_step", "gpu_busy_ms_per_step", "gpu_idle_ms_per_step",
+                                       "gpu_busy_share", "kernel_ms_per_step", "host_calls_per_step",
+                                       "host_blocked_ms_per_step")}
+    line["gpu_idle_ms_by_phase"] = {k: v["gpu_idle_ms"] for k, v in timing.get("phases", {}).items()}
+    line["sync_sites"] = summary.get("sync_sites", [])[:6]
+    line["files"] = [prefix.with_suffix(".json").name, prefix.with_suffix(".txt").name]
+    return line
 
 
 def _plain_trainer(model, tokenizer, tokenized: Path, batch: int, steps: int, work: Path, unsloth: bool):
@@ -250,8 +305,9 @@ def run_ref_unsloth(model_dir: Path, tokenized: Path, steps: int, work: Path) ->
     return _timed_train(trainer, counter)
 
 
-def run_dense(model_dir: Path, steps: int) -> dict:
-    """The ceiling: random tokens, seq 2048 x batch 4, every token trained, Unsloth QLoRA."""
+def run_dense(model_dir: Path, steps: int, profile: Path | None = None) -> dict:
+    """The ceiling: random tokens, seq 2048 x batch 4, every token trained, Unsloth QLoRA. With `profile`
+    (a path prefix), 3 more steps under torch.profiler, as bench/profile_step.py profiles the worker's."""
     import unsloth  # noqa: F401
     import torch
     from unsloth import FastLanguageModel
@@ -276,10 +332,29 @@ def run_dense(model_dir: Path, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     torch.cuda.synchronize()
-    rate = 4 * 2048 * (steps - 3) / (time.monotonic() - torch_start)
-    return {"trained_tokens_per_s": round(rate, 1), "non_pad_tokens_per_s": round(rate, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "loss_first": losses[0],
-            "loss_last": losses[-1], "steps": steps}
+    seconds = time.monotonic() - torch_start
+    rate = 4 * 2048 * (steps - 3) / seconds
+    result = {"trained_tokens_per_s": round(rate, 1), "non_pad_tokens_per_s": round(rate, 1),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "loss_first": losses[0],
+              "loss_last": losses[-1], "steps": steps, "step_s": round(seconds / (steps - 3), 4)}
+    if profile:
+        from bench.profile_step import StepProfiler
+
+        profiler = StepProfiler(0, 3, profile)
+        profiler.start()
+        for _ in range(3):
+            profiler.enter("forward")
+            loss = model(input_ids=ids, labels=ids).loss
+            profiler.enter("backward")
+            loss.backward()
+            profiler.enter("optimizer")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            profiler.enter("log")
+            loss.item()
+        profiler.stop()
+        result["profile"] = _profile_line(profile)
+    return result
 
 
 def _unsloth_engine_model(model_dir: Path, packing: bool):
@@ -419,15 +494,24 @@ def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
     return out
 
 
+def file_safe(name: str) -> str:
+    """A recipe's name as a file name the device tool brings back (letters, digits, '.', '_', '-')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
+
+
 def run_recipe(args) -> dict:
     work, model_dir, tokenized = Path(args.work), Path(args.model_dir), Path(args.tokenized)
     name = args.run_recipe
     base, _, batch = name.partition("@")  # e.g. sftflow-unsloth-packed@32: 32 packed sequences per step
     packed_batch = int(batch) if batch else args.packed_batch
-    if base == "sftflow-unsloth-packed":
-        return run_sftflow(model_dir, tokenized, "unsloth", True, packed_batch, args.steps, work, name)
-    if base == "sftflow-hf-packed":
-        return run_sftflow(model_dir, tokenized, "hf", True, packed_batch, args.steps, work, name)
+    profile = None
+    if name in (args.profile or "").split(",") and args.run_gpus == 1:  # sftflow-*-packed recipes and dense
+        profile = Path(args.out) / f"profile_{model_dir.name}_{file_safe(name)}"
+    if base in ("sftflow-unsloth-packed", "sftflow-hf-packed"):
+        engine = "unsloth" if base == "sftflow-unsloth-packed" else "hf"
+        return run_sftflow(model_dir, tokenized, engine, True, packed_batch, args.steps, work,
+                           f"{name}-{args.run_gpus}gpu", gpus=args.run_gpus, accumulation=args.accumulation,
+                           warmup_steps=args.warmup_steps, profile=profile)
     if name == "sftflow-unsloth-unpacked":
         return run_sftflow(model_dir, tokenized, "unsloth", False, 8, args.steps, work, name)
     if name == "ref-hf-padded":
@@ -435,25 +519,90 @@ def run_recipe(args) -> dict:
     if name == "ref-unsloth-notebook":
         return run_ref_unsloth(model_dir, tokenized, args.steps, work)
     if name == "dense":
-        return run_dense(model_dir, min(args.steps, 20))
+        return run_dense(model_dir, min(args.steps, 20), profile)
     if name == "packing-parity":
         return run_packing_parity(model_dir, tokenized)
     raise SystemExit(f"unknown recipe {name}")
 
 
+def parse_gpus(text: str | None) -> list[int]:
+    """`--gpus 1,2` -> [1, 2]: GPU counts, ascending, starting at 1 (the baseline the others scale against)."""
+    if not text:
+        return []
+    counts = sorted({int(n) for n in text.split(",") if n.strip()})
+    if not counts or counts[0] != 1:
+        raise SystemExit(f"--gpus {text}: list GPU counts starting with 1, the baseline, e.g. --gpus 1,2")
+    return counts
+
+
+def scaling_summary(shape: str, recipe: str, runs: dict[int, dict]) -> dict:
+    """The train_gpu_scaling line: efficiency of each GPU count against one GPU, and how far the losses
+    (same global batch, same steps) are from the one-GPU run's."""
+    line: dict = {"bench": "train_gpu_scaling", "shape": shape, "recipe": recipe, "gpus": sorted(runs)}
+    ok = {n: r for n, r in runs.items() if "error" not in r and "skipped" not in r}
+    if 1 not in ok or len(ok) < 2:
+        line["error"] = "no one-GPU run and another to compare" + "".join(
+            f"; {n} GPU(s): {(r.get('error') or r.get('skipped'))[-300:]}" for n, r in runs.items() if n not in ok)
+        return line
+    base = ok[1]
+    line["trained_tokens_per_s"] = {n: r["trained_tokens_per_s"] for n, r in ok.items()}
+    line["peak_gib_per_gpu"] = {n: r.get("peak_gib_per_gpu") for n, r in ok.items()}
+    line["global_batch_size"] = {n: r.get("global_batch_size") for n, r in ok.items()}
+    line["loss_last5_mean"] = {n: r["loss_last5_mean"] for n, r in ok.items()}
+    line["efficiency_by_gpus"] = {n: round(r["trained_tokens_per_s"] / (n * base["trained_tokens_per_s"]), 4)
+                                  for n, r in ok.items() if n > 1}
+    line["loss_rel_diff_by_gpus"] = {n: round(abs(r["loss_last5_mean"] - base["loss_last5_mean"])
+                                              / base["loss_last5_mean"], 5) for n, r in ok.items() if n > 1}
+    top = max(ok)
+    line["efficiency"] = line["efficiency_by_gpus"][top]
+    line["loss_rel_diff"] = line["loss_rel_diff_by_gpus"][top]
+    line["same_global_batch"] = len(set(line["global_batch_size"].values())) == 1
+    return line
+
+
+def run_child(recipe: str, model_dir: Path, tokenized: Path, args, gpus: int = 1, accumulation: int = 1) -> dict:
+    """One recipe in its own process (its peak memory alone); its result, or {"error": ...}."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--run-recipe", recipe, "--model-dir", str(model_dir), "--tokenized",
+             str(tokenized), "--work", str(args.work), "--steps", str(args.steps), "--packed-batch",
+             str(args.packed_batch), "--run-gpus", str(gpus), "--accumulation", str(accumulation),
+             "--warmup-steps", str(args.warmup_steps), "--profile", args.profile or "", "--out", str(args.out)],
+            capture_output=True, text=True, cwd=ROOT, timeout=900,
+        )
+        suffix = f"-{gpus}gpu" if args.gpus else ""
+        (Path(args.out) / f"{file_safe(recipe)}{suffix}.err").write_text((proc.stderr or "")[-20000:])
+        result = next((json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        return result if result is not None else {"error": (proc.stderr or proc.stdout)[-2500:]}
+    except Exception:  # a recipe's failure must not cost the others' figures
+        return {"error": traceback.format_exc()[-2500:]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--shape", default="1b", help=f"one or more of {sorted(SHAPES)}, comma-separated, run in order")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json"))
     parser.add_argument("--repeat", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--packed-batch", type=int, default=8, help="packed sequences of 2048 tokens per step")
-    parser.add_argument("--recipes", default=",".join(ALL_RECIPES))
+    parser.add_argument("--recipes", default=None,
+                        help=f"comma-separated; default all ({','.join(ALL_RECIPES)}), with --gpus sftflow-unsloth-packed")
+    parser.add_argument("--gpus", default=None,
+                        help="data-parallel scaling: GPU counts to compare, e.g. 1,2 (same global batch for each)")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the tokens/s window")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no run after this many seconds (the rest are reported as skipped)")
     parser.add_argument("--work", default="/tmp/sftflow-bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--run-recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--run-gpus", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--accumulation", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--tokenized", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", default=None,
+                        help="comma-separated recipes to profile with torch.profiler after their timed steps "
+                             "(bench/profile_step.py; sftflow-*-packed on one GPU and dense): "
+                             "OUT/profile_<model>_<recipe>.json and .txt, headline figures in the recipe's line")
     args = parser.parse_args()
 
     if args.run_recipe:  # child process: one recipe, one JSON line
@@ -461,36 +610,55 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
+    shapes = [s for s in args.shape.split(",") if s]
+    if unknown := [s for s in shapes if s not in SHAPES]:
+        raise SystemExit(f"--shape: unknown {unknown}; choose from {sorted(SHAPES)}")
+    gpu_counts = parse_gpus(args.gpus)
+    recipes = (args.recipes or ("sftflow-unsloth-packed" if gpu_counts else ",".join(ALL_RECIPES))).split(",")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    model_dir = build_model(args.shape, work, Path(args.data))
-    tokenized = build_tokenized(model_dir, Path(args.data), args.repeat, work)
-    stats = json.loads((tokenized / "stats.json").read_text())
-    print(f"setup {time.monotonic() - t0:.0f}s: {stats}", file=sys.stderr, flush=True)
-    out = Path(args.out) / f"train_gpu_{args.shape}.jsonl"
-    for recipe in args.recipes.split(","):
-        started = time.monotonic()
-        line = {"bench": "train_gpu", "shape": args.shape, "recipe": recipe, "data": stats}
-        try:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--run-recipe", recipe, "--model-dir", str(model_dir), "--tokenized",
-                 str(tokenized), "--work", str(work), "--steps", str(args.steps), "--packed-batch",
-                 str(args.packed_batch)],
-                capture_output=True, text=True, cwd=ROOT, timeout=900,
-            )
-            (Path(args.out) / f"{recipe}.err").write_text((proc.stderr or "")[-20000:])
-            result = next((json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if result is None:
-                line["error"] = (proc.stderr or proc.stdout)[-2500:]
-            else:
+    bench_start = time.monotonic()
+
+    def out_of_time() -> bool:
+        return args.budget_s is not None and time.monotonic() - bench_start > args.budget_s
+
+    for shape in shapes:
+        if out_of_time():
+            print(json.dumps({"bench": "train_gpu", "shape": shape, "skipped": "--budget-s reached"}), flush=True)
+            continue
+        t0 = time.monotonic()
+        model_dir = build_model(shape, work, Path(args.data))
+        tokenized = build_tokenized(model_dir, Path(args.data), args.repeat, work)
+        stats = json.loads((tokenized / "stats.json").read_text())
+        print(f"setup {shape} {time.monotonic() - t0:.0f}s: {stats}", file=sys.stderr, flush=True)
+        out = Path(args.out) / f"train_gpu_{shape}.jsonl"
+
+        def report(line: dict) -> None:
+            print(json.dumps(line), flush=True)
+            with open(out, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+
+        for recipe in recipes:
+            runs: dict[int, dict] = {}
+            for gpus in gpu_counts or [1]:
+                started = time.monotonic()
+                line = {"bench": "train_gpu", "shape": shape, "recipe": recipe, "data": stats}
+                if out_of_time():
+                    result = {"skipped": "--budget-s reached"}
+                elif gpu_counts:
+                    line["gpus"] = gpus
+                    result = run_child(recipe, model_dir, tokenized, args, gpus, accumulation=max(gpu_counts) // gpus)
+                else:
+                    result = run_child(recipe, model_dir, tokenized, args)
                 line.update(result)
-        except Exception:  # a recipe's failure must not cost the others' figures
-            line["error"] = traceback.format_exc()[-2500:]
-        line["recipe_wall_s"] = round(time.monotonic() - started, 1)
-        print(json.dumps(line), flush=True)
-        with open(out, "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+                line["recipe_wall_s"] = round(time.monotonic() - started, 1)
+                report(line)
+                runs[gpus] = result
+            if gpu_counts:
+                summary = scaling_summary(shape, recipe, runs)
+                report(summary)
+                if "error" in summary and recipe == "sftflow-unsloth-packed" and "sftflow-hf-packed" not in recipes:
+                    recipes.append("sftflow-hf-packed")  # the project's other engine, when Unsloth cannot
 
 
 if __name__ == "__main__":

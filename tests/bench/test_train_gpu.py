@@ -1,0 +1,36 @@
+"""bench/train_gpu.py's CPU-side parts: the --gpus list and the scaling line (the runs need GPUs)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train_gpu", ROOT / "bench" / "train_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_counts_start_at_the_one_gpu_baseline(bench):
+    assert bench.parse_gpus("2,1") == [1, 2] and bench.parse_gpus(None) == []
+    with pytest.raises(SystemExit, match="starting with 1"):
+        bench.parse_gpus("2,4")
+
+
+def test_scaling_efficiency_and_loss_difference(bench):
+    one = {"trained_tokens_per_s": 10_000.0, "loss_last5_mean": 2.0, "global_batch_size": 16,
+           "peak_gib_per_gpu": [7.4]}
+    two = {"trained_tokens_per_s": 18_000.0, "loss_last5_mean": 2.02, "global_batch_size": 16,
+           "peak_gib_per_gpu": [7.5, 7.5]}
+    line = bench.scaling_summary("8b", "sftflow-unsloth-packed", {1: one, 2: two})
+    assert line["bench"] == "train_gpu_scaling" and line["shape"] == "8b"
+    assert line["efficiency"] == 0.9  # 18,000 / (2 x 10,000)
+    assert line["loss_rel_diff"] == 0.01 and line["same_global_batch"]
+    failed = bench.scaling_summary("8b", "sftflow-unsloth-packed", {1: one, 2: {"error": "NCCL timeout"}})
+    assert "efficiency" not in failed and "NCCL timeout" in failed["error"]
