@@ -103,6 +103,16 @@ class CountingCollator:
         return batch
 
 
+def load_cpu_rank_locations() -> None:
+    """On CPU ranks (SFTFLOW_CPU_RANKS, tests), let torch.load restore to "cpu:N": transformers resumes the
+    optimizer onto `args.device`, which is "cpu:<rank>" there, a location torch.load does not know."""
+    import torch.serialization
+
+    torch.serialization.register_package(
+        99, lambda obj: None, lambda storage, location: storage if location.startswith("cpu:") else None
+    )
+
+
 class TrainedTokens:
     """Counts the tokens of the micro-batches the trainer trains on: those with a label (the ones the model
     learns) and those that are not padding. Counted as each micro-batch enters `training_step`, not in the
@@ -157,7 +167,7 @@ def main(spec_path: str) -> None:
     engine = load_engine(spec["engine"])  # first: unsloth patches transformers/trl on import
 
     import datasets
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback, set_seed
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
 
@@ -171,6 +181,8 @@ def main(spec_path: str) -> None:
     datasets.disable_progress_bars()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
 
+    # LoRA's A matrices start random: seeded, every run of a config (and every rank) starts alike
+    set_seed(config.train.seed)
     model, tokenizer = engine.load(spec["model_path"], config)
     train_rows = datasets.Dataset.from_parquet(str(run_dir / "tokenized" / "train.parquet")).remove_columns("id")
     eval_rows = datasets.Dataset.from_parquet(str(run_dir / "tokenized" / "eval.parquet")).remove_columns("id")
@@ -250,6 +262,8 @@ def main(spec_path: str) -> None:
                 emit("checkpoint", step=state.global_step)
 
     trainer.add_callback(Progress())
+    if args.world_size > 1 and args.device.type == "cpu":
+        load_cpu_rank_locations()
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     result = trainer.train(resume_from_checkpoint=last)
     train_runtime = time.monotonic() - session_start
