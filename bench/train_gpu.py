@@ -570,7 +570,7 @@ def run_child(recipe: str, model_dir: Path, tokenized: Path, args, gpus: int = 1
              "--warmup-steps", str(args.warmup_steps), "--profile", args.profile or "", "--out", str(args.out)],
             capture_output=True, text=True, cwd=ROOT, timeout=900,
         )
-        suffix = f"-{gpus}gpu" if args.gpus else ""
+        suffix = f"-{gpus}gpu-{model_dir.name}" if args.gpus else ""  # one .err per run of a --gpus call
         (Path(args.out) / f"{file_safe(recipe)}{suffix}.err").write_text((proc.stderr or "")[-20000:])
         result = next((json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         return result if result is not None else {"error": (proc.stderr or proc.stdout)[-2500:]}
