@@ -21,6 +21,9 @@ labels) and given to every recipe, so they all see the same tokens:
 - packing-parity: the packed attention path checked on the GPU (kernel against per-document SDPA; the
   same rows packed, padded and one by one) and timed against Unsloth's own packed path.
 
+SFTFLOW_BENCH_TRAIN='{"dataloader_workers": 2, ...}' (JSON) sets more `train.*` fields of the
+sftflow-* recipes, for comparing options on the same data in one call.
+
 Each recipe runs in its own process (peak memory is per recipe) and prints one JSON line:
 {"bench": "train_gpu", "shape", "recipe", "trained_tokens_per_s", "non_pad_tokens_per_s",
 "peak_gib", "loss_first", "loss_last", "steps", ...}; all lines also go to OUT/train_gpu_<shape>.jsonl.
@@ -160,7 +163,8 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
                   "gradient_accumulation_steps": accumulation, "num_gpus": gpus,
                   "max_steps": steps + (PROFILE_STEPS if profile else 0),
                   "learning_rate": 2e-4, "optim": "adamw_8bit", "logging_steps": 1,
-                  "save_steps": 100000, "report_to": [], "warmup_steps": 0},
+                  "save_steps": 100000, "report_to": [], "warmup_steps": 0,
+                  **json.loads(os.environ.get("SFTFLOW_BENCH_TRAIN", "{}"))},
     })
     spec = run_dir / "worker_spec.json"
     spec.write_text(json.dumps({"run_dir": str(run_dir), "model_path": str(model_dir), "engine": engine,

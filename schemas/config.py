@@ -130,6 +130,13 @@ class TrainConfig(StrictModel):
         False, description="Pack several rows into each max_seq_length sequence (padding-free, no cross-row attention)."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    offload_checkpoints: bool = Field(
+        True, description="unsloth engine, with gradient_checkpointing: keep the checkpointed activations in CPU "
+        "memory (Unsloth's offloaded checkpointing) rather than on the GPU. false skips the copies to and from the "
+        "host (faster when the GPU has memory to spare); the hf engine keeps them on the GPU either way.")
+    dataloader_workers: int = Field(
+        0, ge=0, le=16, description="Processes that collate the next batches while the GPU trains (0: the training "
+        "process collates, and the GPU waits for it after every logging step).")
     seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
     logging_steps: int = Field(1, gt=0, description="Steps between progress reports (loss, learning rate).")
     save_steps: int = Field(50, gt=0, description="Steps between checkpoints; a retried run resumes from the last.")

@@ -111,7 +111,10 @@ def _gib(n: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def training_memory(shape: ModelShape, config: RunConfig, cuda: bool) -> dict[str, int]:
+LOSS_CHUNK_TOKENS = 1024  # on CUDA both engines score tokens in chunks (Unsloth's fused and trl's chunked loss)
+
+
+def training_memory(shape: ModelShape, config: RunConfig, cuda: bool, engine: str = "hf") -> dict[str, int]:
     """Bytes each part of one training step holds at least, by part."""
     dtype = config.model.dtype if config.model.dtype != "auto" else ("bfloat16" if cuda else "float32")
     act = BYTES[dtype]
@@ -124,10 +127,13 @@ def training_memory(shape: ModelShape, config: RunConfig, cuda: bool) -> dict[st
     tokens = config.train.batch_size * config.train.max_seq_length
     per_layer = 18 * shape.hidden + 4 * shape.intermediate  # a layer's saved tensors per token (flash/SDPA attention)
     if config.train.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
-        activations = tokens * (shape.layers * shape.hidden + per_layer) * act
+        offloaded = cuda and engine == "unsloth" and config.train.offload_checkpoints  # inputs kept in host memory
+        kept = 0 if offloaded else tokens * shape.layers * shape.hidden * act
+        activations = kept + tokens * per_layer * act
     else:
         activations = tokens * shape.layers * per_layer * act
-    logits = tokens * shape.vocab * 4  # the loss is computed on fp32 logits of the whole micro-batch
+    # fp32 logits: of the whole micro-batch on the CPU, of one chunk of tokens on CUDA
+    logits = (min(tokens, LOSS_CHUNK_TOKENS) if cuda else tokens) * shape.vocab * 4
     return {"weights": weights, "lora_and_optimizer": lora, "activations": activations, "logits": logits,
             "runtime": RUNTIME_BYTES}
 
@@ -144,13 +150,13 @@ def available_memory(cuda: bool) -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "CPU RAM"
 
 
-def check_training_fits(model_path: str, config: RunConfig, cuda: bool, log=print) -> dict | None:
+def check_training_fits(model_path: str, config: RunConfig, cuda: bool, log=print, engine: str = "hf") -> dict | None:
     """Raise ResourceError when one training step cannot fit; returns the estimate (None if unknown)."""
     shape = read_shape(model_path)
     if shape is None:
         log(f"pre-flight: no config.json for {model_path}; memory not estimated")
         return None
-    parts = training_memory(shape, config, cuda)
+    parts = training_memory(shape, config, cuda, engine)
     need = sum(parts.values())
     free, device = available_memory(cuda)
     estimate = {"need_bytes": need, "free_bytes": free, "device": device, "parts": parts}

@@ -130,7 +130,7 @@ def train_model(run_dir: Path, model_path: str, config: RunConfig, engine: str) 
     if ranks > 1 and (problem := data_parallel_problem(engine)):
         raise ConfigError(f"the {engine} engine cannot train on {ranks} GPUs: {problem}. Set train.engine=hf, or "
                           "train.num_gpus=1")
-    check_training_fits(model_path, config, cuda=torch.cuda.is_available(), log=logger.info)
+    check_training_fits(model_path, config, cuda=torch.cuda.is_available(), log=logger.info, engine=engine)
     spec = run_dir / "worker_spec.json"
     write_json_atomic(spec, {"run_dir": str(run_dir), "model_path": model_path, "engine": engine,
                              "config": config.model_dump(mode="json")})

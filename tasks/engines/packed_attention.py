@@ -117,6 +117,14 @@ def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
     query (T, H, D), key and value (T, H_kv, D) with H a multiple of H_kv; cu_seqlens (n_docs + 1)
     cumulative document lengths, from 0 to T. Returns (T, H, D). No token sees another document."""
+    if query.is_cuda and query.dtype == torch.float32 and torch.cuda.is_bf16_supported():
+        # hf engine with 4-bit weights: peft's prepare_model_for_kbit_training keeps norms in fp32, so the
+        # projections come out fp32. The varlen kernel takes half precision only; attention then runs in
+        # bf16 and its output goes back to fp32, as transformers' flash-attention path does.
+        if _varlen_fits(query.to(torch.bfloat16), cu_seqlens.numel() - 1, dropout):
+            CALLS["varlen"] += 1
+            half = [x.to(torch.bfloat16) for x in (query, key, value)]
+            return _varlen(*half, cu_seqlens, max_seqlen, scale).to(torch.float32)
     if _varlen_fits(query, cu_seqlens.numel() - 1, dropout):
         CALLS["varlen"] += 1
         return _varlen(query, key, value, cu_seqlens, max_seqlen, scale)

@@ -36,7 +36,8 @@ class UnslothEngine:
             lora_dropout=config.lora.dropout,
             target_modules=config.lora.target_modules,
             use_rslora=config.lora.use_rslora,
-            use_gradient_checkpointing="unsloth" if config.train.gradient_checkpointing else False,
+            use_gradient_checkpointing=(("unsloth" if config.train.offload_checkpoints else True)
+                                        if config.train.gradient_checkpointing else False),
             random_state=config.train.seed,
         )
         if config.train.packing:

@@ -66,6 +66,32 @@ def exit_with_parent(interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint that was written to the end, or None.
+
+    The Trainer writes a checkpoint's files in place and its trainer_state.json last, so a kill
+    while saving leaves a directory without a readable trainer_state.json. Such a directory can
+    never be resumed from; it is removed (and said so on stderr) so the run resumes from the one
+    before it instead of failing on every retry.
+    """
+    import re
+
+    found = []
+    for path in checkpoints.glob("checkpoint-*") if checkpoints.is_dir() else []:
+        if match := re.fullmatch(r"checkpoint-(\d+)", path.name):
+            found.append((int(match.group(1)), path))
+    for step, path in sorted(found, reverse=True):
+        try:
+            if json.loads((path / "trainer_state.json").read_text())["global_step"] == step:
+                return str(path)
+        except (OSError, ValueError, KeyError):
+            pass
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"removing {path}: written only in part (the run was killed while saving it)", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def peak_memory_gib() -> float:
     import torch
 
@@ -168,7 +194,6 @@ def main(spec_path: str) -> None:
 
     import datasets
     from transformers import TrainerCallback, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
 
     from schemas.config import RunConfig
@@ -215,7 +240,7 @@ def main(spec_path: str) -> None:
         # waits for the backward before clipping and the optimizer can be queued; it only changes the
         # logged loss of a NaN step, which is better seen as NaN anyway.
         logging_nan_inf_filter=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=t.dataloader_workers,
         ddp_find_unused_parameters=False,
         **engine.sft_options(config),
     )
@@ -264,7 +289,7 @@ def main(spec_path: str) -> None:
     trainer.add_callback(Progress())
     if args.world_size > 1 and args.device.type == "cpu":
         load_cpu_rank_locations()
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=last)
     train_runtime = time.monotonic() - session_start
     world = args.world_size

@@ -38,7 +38,14 @@ def test_the_estimate_has_the_known_sizes_of_llama_models():
     small = sum(training_memory(ModelShape.from_config(LLAMA_8B), run_config(batch_size=1, max_seq_length=2048), True).values())
     assert 7 * GIB < small < 14 * GIB
     large = sum(training_memory(ModelShape.from_config(LLAMA_8B), run_config(batch_size=16, max_seq_length=8192), True).values())
-    assert large > 80 * GIB
+    assert large > 60 * GIB
+    # the 1B config's 32 x 2048 packed tokens: measured 7.4 GiB peak (Unsloth, offloaded checkpoints) and
+    # 10.4 GiB with the checkpoints on the GPU (bench/RESULTS.md); neither estimate may refuse an 80 GB GPU
+    packed = run_config(batch_size=32, max_seq_length=2048)
+    offloaded = sum(training_memory(ModelShape.from_config(LLAMA_1B), packed, True, "unsloth").values())
+    on_gpu = sum(training_memory(ModelShape.from_config(LLAMA_1B), packed, True, "hf").values())
+    assert 7 * GIB < offloaded < on_gpu < 40 * GIB
+    assert sum(training_memory(ModelShape.from_config(LLAMA_1B), packed, False).values()) > 40 * GIB  # CPU: all logits
 
 
 def test_training_that_cannot_fit_is_refused_with_the_numbers_and_the_fix(tmp_path, monkeypatch):
