@@ -11,3 +11,23 @@ def prefect_api(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def train_until_checkpoint(config, run_dir, step: int, timeout: float = 300):
+    """Start `train_adapter` (run id = run_dir's name) in a thread and return once it has saved a
+    checkpoint at `step` or later: (the thread, the dict its summary lands in)."""
+    import threading
+    import time
+
+    from flows.train import train_adapter
+    from tasks.train import read_events
+
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(train_adapter(config=config, run_id=run_dir.name)))
+    runner.start()
+    deadline = time.monotonic() + timeout
+    while not any(e["event"] == "checkpoint" and e["step"] >= step for e in read_events(run_dir)):
+        if time.monotonic() > deadline:
+            pytest.fail(f"no checkpoint at step {step} or later within {timeout:.0f} s")
+        time.sleep(0.05)
+    return runner, result

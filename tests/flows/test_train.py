@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -19,6 +18,7 @@ from flows.train import train_adapter
 from schemas.config import load_run_config
 from tasks.train import read_events
 from tests.conftest import ROOT, SAMPLE_DROPS
+from tests.flows.conftest import train_until_checkpoint
 
 CONFIG = ROOT / "flows" / "configs" / "tiny_cpu.yaml"
 
@@ -70,17 +70,8 @@ def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
 
 def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, dataset):
     config = load_run_config(CONFIG, ["train.max_steps=36", "train.save_steps=6", "train.logging_steps=2"])
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(train_adapter(config=config, run_id="killed")))
-    runner.start()
     run_dir = workspace.runs / "killed"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if any(e["event"] == "checkpoint" and e["step"] >= 12 for e in read_events(run_dir)):
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("no checkpoint within 300 s")
+    runner, result = train_until_checkpoint(config, run_dir, 12)
     os.kill(int((run_dir / "worker.pid").read_text()), signal.SIGKILL)
     runner.join(600)
 

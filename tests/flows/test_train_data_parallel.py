@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 
 import psutil
 import pytest
@@ -24,6 +22,7 @@ from sftflow.errors import ConfigError
 from tasks.preflight import ResourceError
 from tasks.train import read_events, training_ranks, worker_command
 from tests.conftest import ROOT, SAMPLE_DROPS
+from tests.flows.conftest import train_until_checkpoint
 
 CONFIG = ROOT / "flows" / "configs" / "tiny_cpu.yaml"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU ranks path exists only without CUDA")
@@ -128,17 +127,8 @@ def test_a_killed_rank_is_resumed_on_two_ranks(workspace, dataset, monkeypatch):
     monkeypatch.setenv("SFTFLOW_CPU_RANKS", "2")
     config = load_run_config(CONFIG, ["train.max_steps=24", "train.save_steps=4", "train.logging_steps=2",
                                       "train.batch_size=4", "train.report_to=[]"])
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(train_adapter(config=config, run_id="killed")))
-    runner.start()
     run_dir = workspace.runs / "killed"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if any(e["event"] == "checkpoint" and e["step"] >= 8 for e in read_events(run_dir)):
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("no checkpoint within 300 s")
+    runner, result = train_until_checkpoint(config, run_dir, 8)
     launcher = psutil.Process(int((run_dir / "worker.pid").read_text()))
     ranks = launcher.children()
     assert len(ranks) == 2
