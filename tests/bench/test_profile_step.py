@@ -3,21 +3,17 @@ profiled steps (the GPU runs need a GPU; on the CPU the GPU is never busy)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.bench.conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def profile_step():
-    spec = importlib.util.spec_from_file_location("bench_profile_step", ROOT / "bench" / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("profile_step.py")
 
 
 def test_busy_intervals_merge_and_overlap_a_window(profile_step):

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.bench.conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_gpu", ROOT / "bench" / "train_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train_gpu.py")
 
 
 def test_gpu_counts_start_at_the_one_gpu_baseline(bench):
