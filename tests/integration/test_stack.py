@@ -253,19 +253,22 @@ def test_killed_training_flow_runs_are_started_again_and_resume(stack):
     steps = 60
     overrides = [f"train.max_steps={steps}", "train.save_steps=10", "train.logging_steps=5", "eval.sample_size=8",
                  "export.quants=[f16]", "export.parity_prompts=4"]
+    from schemas.config import config_hash, load_run_config
+
+    # The run directory this pipeline trains in (one per dataset version and config); the pipelines the
+    # concurrent drops started may still be training theirs.
+    version = (home / "datasets" / "CURRENT").read_text().strip()
+    digest = config_hash(load_run_config(ROOT / "flows" / "configs" / "tiny_cpu.yaml", overrides))
+    run_dir = home / "runs" / f"tiny-sft-{version}-{digest[:8]}"
+    assert not run_dir.exists()
     runs_before = {p.name for p in (home / "runs").iterdir()}
     pipeline_id = api.run_deployment("sft_pipeline/pipeline", {"overrides": overrides})
 
     def pipeline_state() -> str | None:
         return next(r["state"] for r in api.flow_runs() if r["id"] == pipeline_id)
 
-    deadline = time.monotonic() + 1500  # queued behind the pipelines the concurrent drops started
-    while not (new := [p for p in (home / "runs").iterdir() if p.name not in runs_before]):
-        assert pipeline_state() not in ("FAILED", "CRASHED", "CANCELLED", "COMPLETED"), "the pipeline ended early"
-        assert time.monotonic() < deadline, "the pipeline never started training"
-        time.sleep(1)
-    [run_dir] = new
-    _wait_checkpoint(run_dir, 10, pipeline_state, 600)
+    # queued behind the pipelines the concurrent drops started
+    _wait_checkpoint(run_dir, 10, pipeline_state, 1500)
 
     # 1. the flow run's process: the parent of the trainer, with the flow run's id in its environment
     trainer = int((run_dir / "worker.pid").read_text())
@@ -302,7 +305,7 @@ def test_killed_training_flow_runs_are_started_again_and_resume(stack):
     begins = [e["resumed_from_step"] for e in events if e["event"] == "begin"]
     assert begins[0] == 0 and begins[1] >= 10 and begins[2] >= 30, begins
     assert json.loads((run_dir / "manifest.json").read_text())["global_step"] == steps
-    assert {p.name for p in (home / "runs").iterdir()} - runs_before == {run_dir.name}
+    assert [p for p in (home / "runs").iterdir() if p.name not in runs_before and p.name.endswith(digest[:8])] == [run_dir]
     print(json.dumps({"training_flow_killed": {"killed_at_step": killed_at, "resumed_from_steps": begins[1:],
                                                "global_step": steps, "silent_limit_s": SILENT_SECONDS,
                                                "host_loss_to_finish_s": round(time.monotonic() - lost_at)}}))
