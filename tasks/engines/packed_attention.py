@@ -121,9 +121,9 @@ def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         # hf engine with 4-bit weights: peft's prepare_model_for_kbit_training keeps norms in fp32, so the
         # projections come out fp32. The varlen kernel takes half precision only; attention then runs in
         # bf16 and its output goes back to fp32, as transformers' flash-attention path does.
-        if _varlen_fits(query.to(torch.bfloat16), cu_seqlens.numel() - 1, dropout):
+        half = [x.to(torch.bfloat16) for x in (query, key, value)]  # cast once, for the check and the kernel
+        if _varlen_fits(half[0], cu_seqlens.numel() - 1, dropout):
             CALLS["varlen"] += 1
-            half = [x.to(torch.bfloat16) for x in (query, key, value)]
             return _varlen(*half, cu_seqlens, max_seqlen, scale).to(torch.float32)
     if _varlen_fits(query, cu_seqlens.numel() - 1, dropout):
         CALLS["varlen"] += 1
