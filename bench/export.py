@@ -46,7 +46,8 @@ def main() -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from schemas.config import RunConfig
-    from sftflow.workspace import Workspace, configure_prefect_env
+    from foundation.workspace import Workspace
+from sftflow.stack import configure_prefect_env
     from tasks.base_model import tiny_model_dir
     from tasks.export import export_run
 
@@ -78,13 +79,13 @@ def main() -> None:
     from flows.ingest import ingest_drop
 
     report = ingest_drop(paths=[str(ROOT / "data" / "drops" / "arithmetic")], drop_id="bench")
-    run_dir = workspace.runs / "export-bench"
+    run_dir = workspace.runs_dir / "export-bench"
     run_dir.mkdir(parents=True)
     run_config = RunConfig.model_validate({"name": f"llama-{args.shape}", "model": {"name": str(model_dir)},
                                            "export": {"merge_dtype": "bfloat16", "parity_prompts": 4, "greedy_tokens": 8}})
     (run_dir / "manifest.json").write_text(json.dumps({
         "config": run_config.model_dump(mode="json"), "model_path": str(model_dir), "adapter_dir": str(adapter_dir),
-        "dataset_dir": str(workspace.datasets / report["dataset_version"]), "dataset_version": report["dataset_version"],
+        "dataset_dir": str(workspace.datasets_dir / report["dataset_version"]), "dataset_version": report["dataset_version"],
     }))
     try:
         summary = export_run(run_dir, workspace, log=lambda *a: print(*a, file=sys.stderr))

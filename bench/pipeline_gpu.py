@@ -105,7 +105,8 @@ def main() -> None:
     os.environ["SFTFLOW_PROGRESS"] = "0"
 
     from bench.train_gpu import build_model
-    from sftflow.workspace import Workspace, configure_prefect_env
+    from foundation.workspace import Workspace
+from sftflow.stack import configure_prefect_env
 
     workspace = Workspace.from_env().ensure()
     configure_prefect_env(workspace)

@@ -304,7 +304,7 @@ class StepProfiler:
 
 
 def main(spec_path: str, out_prefix: str, first_step: int, count: int) -> None:
-    from sftflow.errors import SftflowError
+    from foundation.errors import SftflowError
     from tasks.engines import worker
 
     make_class = worker.sft_trainer_class

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from prefect import flow
 
-from sftflow.atomic import read_json
-from sftflow.errors import SftflowError
-from sftflow.workspace import Workspace
+from foundation.atomic import read_json
+from foundation.errors import SftflowError
+from foundation.workspace import Workspace
 from tasks.evaluate import evaluate_models
 from tasks.publish import champion_of
 
 
 def run_dir_of(workspace: Workspace, run_id: str):
-    run_dir = workspace.runs / run_id
+    run_dir = workspace.runs_dir / run_id
     if "/" in run_id or run_id.startswith(".") or not (run_dir / "manifest.json").exists():
-        raise SftflowError(f"no finished training run {run_id!r} in {workspace.runs}; list them with: ls {workspace.runs}")
+        raise SftflowError(f"no finished training run {run_id!r} in {workspace.runs_dir}; list them with: ls {workspace.runs_dir}")
     return run_dir
 
 

@@ -13,7 +13,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.evaluate import run_dir_of
-from sftflow.workspace import Workspace
+from foundation.workspace import Workspace
 from tasks.export import export_run
 
 

@@ -18,9 +18,9 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
 from schemas.config import IngestConfig
-from sftflow.atomic import exclusive_lock, read_json
-from sftflow.errors import DropError, DropRejectedError
-from sftflow.workspace import Workspace
+from foundation.atomic import exclusive_lock, read_json
+from foundation.errors import DropError, DropRejectedError
+from foundation.workspace import Workspace
 from tasks.format import current_version, write_dataset_version
 from tasks.ingest import check_drop_id, default_drop_id, fingerprint_files, list_drop_files, read_drop
 from tasks.report import write_drop_report
@@ -34,7 +34,7 @@ def find_ingested(workspace: Workspace, drop_id: str, fingerprint: str) -> dict 
     version was written: that is not done (its quarantine is not on disk yet), so None, and the
     re-run finishes it (write_dataset_version reports the version the drop already made).
     """
-    report_path = workspace.drops / drop_id / "report.json"
+    report_path = workspace.drops_dir / drop_id / "report.json"
     previous = read_json(report_path) if report_path.exists() else None
     if previous is None or previous.get("status") != "ingested":
         version = current_version(workspace)
@@ -67,7 +67,7 @@ def ingest_drop(paths: list[str], drop_id: str | None = None, config: IngestConf
     fingerprint = fingerprint_files(files)
     drop_id = check_drop_id(drop_id or default_drop_id(paths, fingerprint))
     # One ingest per drop id at a time: a drop announced twice is ingested once, then is a no-op.
-    with exclusive_lock(workspace.drops / f".{drop_id}.lock"):
+    with exclusive_lock(workspace.drops_dir / f".{drop_id}.lock"):
         report = _ingest(workspace, files, fingerprint, drop_id, config, logger)
     if announce and report["dataset_changed"] and not report.get("noop"):
         emit_event(
@@ -95,7 +95,7 @@ def _ingest(workspace: Workspace, files: list[str], fingerprint: str, drop_id: s
             "dataset_rows": current.manifest["rows"] if current else {"train": 0, "eval": 0},
         }
 
-    staging = workspace.staging / f"{drop_id}-{uuid.uuid4().hex[:8]}"
+    staging = workspace.staging_dir / f"{drop_id}-{uuid.uuid4().hex[:8]}"
     try:
         staged = read_drop(files, drop_id, config, staging)
         if staged.rows_in == 0:
@@ -113,7 +113,7 @@ def _ingest(workspace: Workspace, files: list[str], fingerprint: str, drop_id: s
             "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         quarantine_parts = [*staged.quarantine_paths, validated.quarantine_path]
-        drop_dir = workspace.drops / drop_id
+        drop_dir = workspace.drops_dir / drop_id
 
         if report["reject_rate"] > config.max_reject_rate:
             current = current_version(workspace)

@@ -34,10 +34,10 @@ from flows.ingest import ingest_drop
 from flows.publish import publish_model
 from flows.train import run_summary, train_adapter
 from schemas.config import IngestConfig, RunConfig, config_hash, load_run_config
-from sftflow.atomic import read_json
-from sftflow.errors import DropRejectedError, SftflowError
+from foundation.atomic import read_json
+from foundation.errors import DropRejectedError, SftflowError
 from sftflow.summaries import pipeline_text
-from sftflow.workspace import Workspace
+from foundation.workspace import Workspace
 from tasks.format import current_version, find_version
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def resolve_config_path(config: str) -> Path:
 
 def published_with(workspace: Workspace, name: str, dataset_version: str, config_digest: str) -> str | None:
     """The registry version already trained on this dataset version with this config, if any."""
-    model_root = workspace.registry / name
+    model_root = workspace.registry_dir / name
     for manifest_path in sorted(model_root.glob("v*/manifest.json")) if model_root.is_dir() else []:
         run = read_json(manifest_path.parent / "run_manifest.json")
         if run["dataset_version"] == dataset_version and run["config_hash"] == config_digest:
@@ -74,12 +74,12 @@ def pipeline_run_id(workspace: Workspace, config: RunConfig, dataset_version: st
     """
     base = f"{config.name}-{dataset_version}-{config_hash(config)[:8]}"
     pattern = re.compile(re.escape(base) + r"(?:-r(\d+))?")
-    attempts = sorted((int(m.group(1) or 1), path.name) for path in workspace.runs.glob(f"{base}*")
+    attempts = sorted((int(m.group(1) or 1), path.name) for path in workspace.runs_dir.glob(f"{base}*")
                       if (m := pattern.fullmatch(path.name)))
     if not attempts:
         return base
     number, latest = attempts[-1]
-    if force and (workspace.runs / latest / "manifest.json").exists():
+    if force and (workspace.runs_dir / latest / "manifest.json").exists():
         return f"{base}-r{number + 1}"
     return latest
 
@@ -109,7 +109,7 @@ def train_stage(config: RunConfig, dataset_version: str, run_id: str) -> dict:
     same run id, up to TRAIN_ATTEMPTS times; it resumes from the last checkpoint.
     """
     logger = get_run_logger()
-    run_dir = Workspace.from_env().runs / run_id
+    run_dir = Workspace.from_env().runs_dir / run_id
     if (run_dir / "manifest.json").exists():
         logger.info("run %s finished training earlier: reusing its adapter", run_id)
         return run_summary(run_dir)
@@ -176,7 +176,7 @@ def sft_pipeline(
 
     current = current_version(workspace)
     if current is None:
-        raise SftflowError(f"no dataset version in {workspace.datasets}: ingest a drop first "
+        raise SftflowError(f"no dataset version in {workspace.datasets_dir}: ingest a drop first "
                            "(sftflow ingest PATH, or pass drops=[...])")
     if dataset_version and dataset_version != current.name:
         find_version(workspace, dataset_version)  # a clear error for a name that does not exist

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.evaluate import run_dir_of
-from sftflow.workspace import Workspace
+from foundation.workspace import Workspace
 from tasks.publish import publish_run
 
 

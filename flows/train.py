@@ -19,8 +19,8 @@ import yaml
 from prefect import flow, get_run_logger
 
 from schemas.config import RunConfig, config_hash
-from sftflow.workspace import Workspace
-from sftflow.atomic import read_json
+from foundation.workspace import Workspace
+from foundation.atomic import read_json
 from tasks.base_model import resolve_model
 from tasks.engines import pick_engine
 from tasks.format import find_version
@@ -51,7 +51,7 @@ def train_adapter(config: RunConfig, dataset_version: str | None = None, run_id:
     workspace = Workspace.from_env().ensure()
     dataset = find_version(workspace, dataset_version)
     run_id = run_id or new_run_id(config)
-    run_dir = workspace.runs / run_id
+    run_dir = workspace.runs_dir / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     engine = pick_engine(config.train.engine, ranks=training_ranks(config.train))

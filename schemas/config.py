@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sftflow.errors import ConfigError
+from foundation.errors import ConfigError
 
 SourceFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion"]
 

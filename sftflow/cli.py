@@ -17,9 +17,10 @@ from typing import Annotated, Optional
 import orjson
 import typer
 
-from sftflow.errors import DropRejectedError, SftflowError
+from foundation.errors import DropRejectedError, SftflowError
 from sftflow.summaries import drop_text, pipeline_text
-from sftflow.workspace import Workspace, configure_prefect_env
+from foundation.workspace import Workspace
+from sftflow.stack import configure_prefect_env
 
 app = typer.Typer(
     help="sftflow: raw instruction drops -> validated datasets -> QLoRA SFT -> evaluated, published models.",
@@ -291,8 +292,8 @@ def datasets(as_json: JsonOption = False) -> None:
     except SftflowError as exc:
         _fail(exc)
     versions = []
-    if workspace.datasets.is_dir():
-        for path in workspace.datasets.iterdir():
+    if workspace.datasets_dir.is_dir():
+        for path in workspace.datasets_dir.iterdir():
             if (path / "manifest.json").exists() and not path.name.startswith("."):
                 m = DatasetVersion(path).manifest
                 versions.append({"version": m["version"], "created_at": m["created_at"], "rows": m["rows"],
@@ -302,7 +303,7 @@ def datasets(as_json: JsonOption = False) -> None:
         f"{'*' if current and v['version'] == current.name else ' '} {v['version']}  {v['created_at']}  "
         f"train {v['rows']['train']:>7}  eval {v['rows']['eval']:>6}  drops {len(v['drops'])}"
         for v in versions
-    ) or f"no dataset versions in {workspace.datasets}"
+    ) or f"no dataset versions in {workspace.datasets_dir}"
     _emit({"current": current.name if current else None, "versions": versions}, as_json, human)
 
 
@@ -402,7 +403,7 @@ def watch(
         if not os.environ.get("PREFECT_API_URL"):
             _fail(SftflowError("no Prefect server to announce drops to: start the stack with `sftflow up` "
                                "(it runs the watcher), or set PREFECT_API_URL"))
-        typer.echo(f"watching {workspace.landing} every {interval:g} s (quiet period {quiet_seconds:g} s)", err=True)
+        typer.echo(f"watching {workspace.landing_dir} every {interval:g} s (quiet period {quiet_seconds:g} s)", err=True)
         while True:
             result = scan_landing(workspace, quiet_seconds, log=lambda m: typer.echo(m, err=True))
             if once:
@@ -433,8 +434,8 @@ def up(
         _fail(exc)
     human = (f"dashboard: {state['dashboard_url']}\n"
              f"  API {state['api_url']} ({state['database']}); workers on pools cpu and gpu"
-             f"{'; watcher on ' + str(workspace.landing) if watch else ''}\n"
-             f"  logs: {workspace.stack / 'logs'}\n"
+             f"{'; watcher on ' + str(workspace.landing_dir) if watch else ''}\n"
+             f"  logs: {workspace.stack_logs}\n"
              f"  drop data in with: sftflow drop PATH      stop with: sftflow down")
     _emit(state, as_json, human)
 

@@ -28,9 +28,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from sftflow.atomic import read_json, write_json_atomic
-from sftflow.errors import SftflowError
-from sftflow.workspace import Workspace
+from foundation.atomic import read_json, write_json_atomic
+from foundation.errors import SftflowError
+from foundation.workspace import Workspace
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -45,7 +45,7 @@ class StackError(SftflowError):
 
 
 def state_path(workspace: Workspace) -> Path:
-    return workspace.stack / "state.json"
+    return workspace.stack_state
 
 
 def read_state(workspace: Workspace) -> dict | None:
@@ -173,7 +173,7 @@ def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise StackError(f"--host {host}: the stack listens on loopback only; put a reverse proxy with "
                          "authentication in front of it to share it")
-    logs = workspace.stack / "logs"
+    logs = workspace.stack_logs
     logs.mkdir(parents=True, exist_ok=True)
     stack_id = uuid.uuid4().hex
     api_url = f"http://{host}:{port}/api"
@@ -229,7 +229,7 @@ def restart_stopped(workspace: Workspace, state: dict, log=print) -> dict:
                          "`sftflow down`, then `sftflow up` (the database keeps every run)")
     env = stack_env(workspace, state["api_url"], stack_id, None)  # the server alone reads the database URL
     for name in stopped:
-        state["processes"][name] = _spawn(name, state["processes"][name]["command"], env, workspace.stack / "logs")
+        state["processes"][name] = _spawn(name, state["processes"][name]["command"], env, workspace.stack_logs)
         log(f"restarted {name} (it had stopped)")
     write_json_atomic(state_path(workspace), state)
     return state | {"restarted": stopped}
@@ -303,3 +303,22 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def configure_prefect_env(workspace: Workspace) -> None:
+    """Point Prefect at the workspace before it is imported.
+
+    With no PREFECT_API_URL set, Prefect runs flows against its embedded (ephemeral) API backed by
+    SQLite under PREFECT_HOME; keeping that under the workspace keeps the source tree clean. When
+    `sftflow up` runs a server for this workspace, flows report to it (and show in its dashboard).
+    Values the user already set win.
+    """
+    if "PREFECT_API_URL" not in os.environ:
+        if api_url := active_api_url(workspace):  # `sftflow up` runs a server for this workspace: use it
+            os.environ["PREFECT_API_URL"] = api_url
+    os.environ.setdefault("PREFECT_HOME", str(workspace.prefect_home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    # the embedded server's start-up waits 20 s by default, too little on a loaded 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")

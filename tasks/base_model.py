@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from schemas.config import ModelConfig
-from sftflow.atomic import exclusive_lock, staged_dir
-from sftflow.errors import ConfigError
-from sftflow.workspace import Workspace
+from foundation.atomic import exclusive_lock, staged_dir
+from foundation.errors import ConfigError
+from foundation.workspace import Workspace
 
 TINY_NAME = "tiny"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"

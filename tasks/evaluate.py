@@ -26,8 +26,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from schemas.config import EvalConfig, RunConfig
-from sftflow.atomic import read_json, write_json_atomic
-from sftflow.errors import SftflowError
+from foundation.atomic import read_json, write_json_atomic
+from foundation.errors import SftflowError
 
 ROOT = Path(__file__).resolve().parent.parent
 LOWER_IS_BETTER = {"eval_loss"}

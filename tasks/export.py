@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sftflow.atomic import staged_dir, write_bytes_atomic
-from sftflow.errors import SftflowError
-from sftflow.workspace import Workspace
+from foundation.atomic import staged_dir, write_bytes_atomic
+from foundation.errors import SftflowError
+from foundation.workspace import Workspace
 from tasks.preflight import check_export_fits
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -247,7 +247,7 @@ def export_run(run_dir: Path, workspace: Workspace, quants: list[str] | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from schemas.config import RunConfig
-    from sftflow.atomic import read_json, write_json_atomic
+    from foundation.atomic import read_json, write_json_atomic
 
     manifest = read_json(run_dir / "manifest.json")
     config = RunConfig.model_validate(manifest["config"]).export

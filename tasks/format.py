@@ -24,10 +24,10 @@ from prefect.cache_policies import NO_CACHE
 
 from schemas.config import IngestConfig
 from schemas.tables import CANONICAL_SCHEMA, CANONICAL_SCHEMA_VERSION, DUPLICATE_SCHEMA, SPLITS
-from sftflow import staging
-from sftflow.atomic import exclusive_lock, read_json, remove_stale_tmp, staged_dir, write_bytes_atomic
-from sftflow.errors import DatasetError
-from sftflow.workspace import Workspace
+from foundation import staging
+from foundation.atomic import exclusive_lock, read_json, remove_stale_tmp, staged_dir, write_bytes_atomic
+from foundation.errors import DatasetError
+from foundation.workspace import Workspace
 
 VERSION_PREFIX = "ds-"
 
@@ -122,10 +122,10 @@ class DatasetVersion:
 
 
 def current_version(workspace: Workspace) -> DatasetVersion | None:
-    pointer = workspace.datasets / "CURRENT"
+    pointer = workspace.datasets_dir / "CURRENT"
     if not pointer.exists():
         return None
-    version = DatasetVersion(workspace.datasets / pointer.read_text().strip())
+    version = DatasetVersion(workspace.datasets_dir / pointer.read_text().strip())
     if not (version.root / "manifest.json").exists():
         raise DatasetError(f"{pointer} names {version.name}, which has no manifest.json; restore it or remove {pointer}")
     return version
@@ -138,7 +138,7 @@ def version_that_added(workspace: Workspace, drop_id: str) -> DatasetVersion | N
         manifest = version.manifest
         if not any(d["drop_id"] == drop_id for d in manifest["drops"]):
             return None
-        parent = DatasetVersion(workspace.datasets / manifest["parent"]) if manifest["parent"] else None
+        parent = DatasetVersion(workspace.datasets_dir / manifest["parent"]) if manifest["parent"] else None
         if parent is None or not any(d["drop_id"] == drop_id for d in parent.manifest["drops"]):
             return version
         version = parent
@@ -150,11 +150,11 @@ def find_version(workspace: Workspace, name: str | None) -> DatasetVersion:
     if name is None:
         version = current_version(workspace)
         if version is None:
-            raise DatasetError(f"no dataset in {workspace.datasets}; ingest a drop first: sftflow ingest PATH")
+            raise DatasetError(f"no dataset in {workspace.datasets_dir}; ingest a drop first: sftflow ingest PATH")
         return version
-    version = DatasetVersion(workspace.datasets / name)
+    version = DatasetVersion(workspace.datasets_dir / name)
     if not name.startswith(VERSION_PREFIX) or "/" in name or not (version.root / "manifest.json").exists():
-        raise DatasetError(f"no dataset version {name!r} in {workspace.datasets}; list them with: sftflow datasets")
+        raise DatasetError(f"no dataset version {name!r} in {workspace.datasets_dir}; list them with: sftflow datasets")
     return version
 
 
@@ -252,7 +252,7 @@ def write_dataset_version(
     manifest, which is what makes re-ingesting the same drop a no-op.
     """
     logger = get_run_logger()
-    datasets = workspace.datasets
+    datasets = workspace.datasets_dir
     datasets.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(datasets / ".lock"):
         remove_stale_tmp(datasets)

@@ -36,8 +36,8 @@ from prefect.cache_policies import NO_CACHE
 
 from schemas.config import IngestConfig
 from schemas.tables import QUARANTINE_SCHEMA, ROLES, STAGED_SCHEMA
-from sftflow import staging
-from sftflow.errors import DropError
+from foundation import staging
+from foundation.errors import DropError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DROP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

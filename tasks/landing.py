@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftflow.atomic import exclusive_lock, fsync_tree, read_json, write_json_atomic
-from sftflow.errors import DropError
-from sftflow.workspace import Workspace
+from foundation.atomic import exclusive_lock, fsync_tree, read_json, write_json_atomic
+from foundation.errors import DropError
+from foundation.workspace import Workspace
 from tasks.ingest import check_drop_id, fingerprint_files, list_drop_files
 
 EVENT_LANDED = "sftflow.drop.landed"
@@ -106,7 +106,7 @@ def _record(directory: Path, name: str, record: dict) -> None:
 
 
 def emitted_record(workspace: Workspace, drop_id: str) -> dict | None:
-    path = workspace.landing / ".emitted" / f"{drop_id}.json"
+    path = workspace.landing_dir / ".emitted" / f"{drop_id}.json"
     return read_json(path) if path.exists() else None
 
 
@@ -143,7 +143,7 @@ def announce(workspace: Workspace, drop: LandedDrop,
     The check, the send and the record happen under the landing zone's lock, so the watcher and
     `sftflow drop` never both announce the same drop.
     """
-    with exclusive_lock(workspace.landing / ".lock"):
+    with exclusive_lock(workspace.landing_dir / ".lock"):
         previous = emitted_record(workspace, drop.drop_id)
         if previous is not None:
             if previous["fingerprint"] != drop.fingerprint:
@@ -153,7 +153,7 @@ def announce(workspace: Workspace, drop: LandedDrop,
             return None
         send(drop)
         record = {**drop.payload(), "event_id": str(drop.event_id), "emitted_at": time.time()}
-        _record(workspace.landing / ".emitted", drop.drop_id, record)
+        _record(workspace.landing_dir / ".emitted", drop.drop_id, record)
     return record
 
 
@@ -169,7 +169,7 @@ def scan_landing(workspace: Workspace, quiet_seconds: float, send: Callable[[Lan
     Returns {"announced": [...], "waiting": [...], "refused": [...]} (refusals are recorded once
     under .refused/ and not reported again).
     """
-    landing = workspace.landing
+    landing = workspace.landing_dir
     landing.mkdir(parents=True, exist_ok=True)
     result: dict[str, list] = {"announced": [], "waiting": [], "refused": []}
     for path in sorted(landing.iterdir()):
@@ -209,7 +209,7 @@ def land_drop(workspace: Workspace, source: Path, drop_id: str | None = None) ->
         landing_entries(source)  # refuse symlinks before copying anything
     elif source.is_symlink() or not source.is_file():
         raise DropError(f"{source}: pass a regular file or a directory of data files")
-    target = workspace.landing / drop_id
+    target = workspace.landing_dir / drop_id
     if target.exists() or target.is_symlink():
         existing = describe(target)
         incoming = fingerprint_files(list_drop_files([str(source)]))
@@ -217,8 +217,8 @@ def land_drop(workspace: Workspace, source: Path, drop_id: str | None = None) ->
             return existing
         raise DropError(f"{target} already holds other data under drop id {drop_id!r}; drops are immutable: "
                         "choose another --drop-id")
-    workspace.landing.mkdir(parents=True, exist_ok=True)
-    tmp = workspace.landing / f".tmp-{drop_id}-{uuid.uuid4().hex[:8]}"
+    workspace.landing_dir.mkdir(parents=True, exist_ok=True)
+    tmp = workspace.landing_dir / f".tmp-{drop_id}-{uuid.uuid4().hex[:8]}"
     try:
         if source.is_dir():
             shutil.copytree(source, tmp, symlinks=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.config import RunConfig
-from sftflow.errors import SftflowError
+from foundation.errors import SftflowError
 
 GIB = 1024**3
 RUNTIME_BYTES = GIB // 2  # CUDA context / the Python and torch runtime of the worker

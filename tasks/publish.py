@@ -22,9 +22,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
-from sftflow.atomic import exclusive_lock, read_json, remove_stale_tmp, staged_dir, write_bytes_atomic, write_json_atomic
-from sftflow.errors import SftflowError
-from sftflow.workspace import Workspace
+from foundation.atomic import exclusive_lock, read_json, remove_stale_tmp, staged_dir, write_bytes_atomic, write_json_atomic
+from foundation.errors import SftflowError
+from foundation.workspace import Workspace
 
 
 class PublishError(SftflowError):
@@ -33,10 +33,10 @@ class PublishError(SftflowError):
 
 def champion_of(workspace: Workspace, name: str) -> dict | None:
     """The champion of a model name: {version, model_path, adapter_dir}, or None when there is none."""
-    pointer = workspace.registry / name / "CHAMPION"
+    pointer = workspace.registry_dir / name / "CHAMPION"
     if not pointer.exists():
         return None
-    version_dir = workspace.registry / name / pointer.read_text().strip()
+    version_dir = workspace.registry_dir / name / pointer.read_text().strip()
     run = read_json(version_dir / "run_manifest.json")
     return {"version": version_dir.name, "model_path": run["model_path"], "adapter_dir": str(version_dir / "adapter")}
 
@@ -187,7 +187,7 @@ def publish_run(run_dir: Path, workspace: Workspace) -> dict:
     name = run["config"]["name"]
     promote = evaluation["decision"]["promote"]
     remote = (run["config"].get("publish") or {}).get("remote")
-    model_root = workspace.registry / name
+    model_root = workspace.registry_dir / name
     model_root.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(model_root / ".lock"):
         remove_stale_tmp(model_root)

@@ -17,8 +17,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from schemas.tables import QUARANTINE_SCHEMA
-from sftflow import staging
-from sftflow.atomic import staged_dir, write_bytes_atomic
+from foundation import staging
+from foundation.atomic import staged_dir, write_bytes_atomic
 
 
 class CountMismatchError(RuntimeError):

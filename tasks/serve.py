@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sftflow.atomic import read_json
-from sftflow.errors import SftflowError
-from sftflow.workspace import Workspace
+from foundation.atomic import read_json
+from foundation.errors import SftflowError
+from foundation.workspace import Workspace
 
 PREFERRED_QUANTS = ("q4_k_m", "q8_0", "f16")
 
@@ -19,16 +19,16 @@ PREFERRED_QUANTS = ("q4_k_m", "q8_0", "f16")
 def published_gguf(workspace: Workspace, spec: str | None) -> Path:
     """NAME[@VERSION] -> its GGUF (q4_k_m, else q8_0, else f16). NAME defaults to the only model;
     VERSION to the champion, else the newest version."""
-    names = sorted(p.name for p in workspace.registry.glob("*") if p.is_dir() and not p.name.startswith("."))
+    names = sorted(p.name for p in workspace.registry_dir.glob("*") if p.is_dir() and not p.name.startswith("."))
     name, _, version = (spec or "").partition("@")
     if not name:
         if len(names) != 1:
-            raise SftflowError(f"{len(names)} models in {workspace.registry} ({', '.join(names) or 'none'}); "
+            raise SftflowError(f"{len(names)} models in {workspace.registry_dir} ({', '.join(names) or 'none'}); "
                                "choose one with --model NAME[@VERSION] (publish one with: sftflow publish --run RUN_ID)")
         name = names[0]
-    root = workspace.registry / name
+    root = workspace.registry_dir / name
     if name not in names:
-        raise SftflowError(f"no model {name!r} in {workspace.registry}; published: {', '.join(names) or 'none'}")
+        raise SftflowError(f"no model {name!r} in {workspace.registry_dir}; published: {', '.join(names) or 'none'}")
     if not version:
         pointer = root / "CHAMPION"
         versions = sorted(p.parent.name for p in root.glob("v*/manifest.json"))

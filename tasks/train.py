@@ -30,8 +30,8 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from schemas.config import RunConfig, TrainConfig, config_hash
-from sftflow.atomic import write_json_atomic
-from sftflow.errors import ConfigError, SftflowError
+from foundation.atomic import write_json_atomic
+from foundation.errors import ConfigError, SftflowError
 from tasks.engines import data_parallel_problem
 from tasks.preflight import ResourceError, check_training_fits
 

@@ -29,8 +29,8 @@ from prefect.cache_policies import NO_CACHE
 
 from schemas.config import IngestConfig
 from schemas.tables import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, ROLES, STAGED_SCHEMA
-from sftflow import staging
-from sftflow.errors import ConfigError
+from foundation import staging
+from foundation.errors import ConfigError
 
 SUITE_PATH = Path(__file__).resolve().parent.parent / "schemas" / "expectations" / "canonical_rows.json"
 

@@ -41,7 +41,7 @@ def pid_alive(pid: int) -> bool:
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """A fresh SFTFLOW_HOME per test."""
-    from sftflow.workspace import Workspace
+    from foundation.workspace import Workspace
 
     home = tmp_path / "home"
     monkeypatch.setenv("SFTFLOW_HOME", str(home))
@@ -66,7 +66,7 @@ def model_cache(tmp_path_factory):
     kept = os.environ.get("SFTFLOW_TEST_CACHE")
     cache = Path(kept) if kept else tmp_path_factory.mktemp("model-cache")
     os.environ["SFTFLOW_CACHE"] = str(cache)
-    from sftflow.workspace import Workspace
+    from foundation.workspace import Workspace
     from tasks.base_model import tiny_model_dir
 
     path = tiny_model_dir(Workspace(cache.parent / "unused"), log=lambda *_: None)

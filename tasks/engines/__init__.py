@@ -12,7 +12,7 @@ import importlib.util
 from typing import Any, Protocol
 
 from schemas.config import RunConfig
-from sftflow.errors import ConfigError
+from foundation.errors import ConfigError
 
 ENGINES = {"hf": "tasks.engines.hf", "unsloth": "tasks.engines.unsloth"}
 

@@ -24,7 +24,7 @@ def main(spec_path: str) -> None:
     import torch
 
     from schemas.config import RunConfig
-    from sftflow.atomic import write_json_atomic
+    from foundation.atomic import write_json_atomic
     from tasks.evaluate import generate, generation_metrics, prompt_and_reference, sample_rows, score_loss
     from tasks.tokenize import end_of_turn_ids, tokenize_table
 

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from schemas.config import RunConfig
-from sftflow.errors import ConfigError
+from foundation.errors import ConfigError
 
 
 def torch_dtype(config: RunConfig, cuda: bool):

@@ -323,7 +323,7 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    from sftflow.errors import SftflowError
+    from foundation.errors import SftflowError
 
     try:
         main(sys.argv[1])

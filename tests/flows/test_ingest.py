@@ -14,7 +14,7 @@ import pytest
 
 from flows.ingest import ingest_drop
 from schemas.config import IngestConfig
-from sftflow.errors import DatasetError, DropError, DropRejectedError
+from foundation.errors import DatasetError, DropError, DropRejectedError
 from tasks.format import current_version, eval_mask
 from tests.conftest import ROOT, SAMPLE_DROPS, shared_dataset
 
@@ -52,7 +52,7 @@ def test_sample_drops_ingest_reconcile_and_chain(workspace):
         report = ingest_drop(paths=[str(SAMPLE_DROPS / name)], drop_id=f"sample-{name}")
         assert (report["rows_in"], report["accepted"], report["duplicates"], report["quarantined"]) == expected
         assert reconciles(report) and report["status"] == "ingested" and report["dataset_changed"]
-        on_disk = json.loads((workspace.drops / f"sample-{name}" / "report.json").read_text())
+        on_disk = json.loads((workspace.drops_dir / f"sample-{name}" / "report.json").read_text())
         assert on_disk["rows_in"] == report["rows_in"] and on_disk["reasons"] == report["reasons"]
         quarantine = pq.read_table(report["quarantine_path"])
         assert quarantine.num_rows == report["quarantined"]
@@ -60,7 +60,7 @@ def test_sample_drops_ingest_reconcile_and_chain(workspace):
         reports.append(report)
 
     # each version's parent is the previous one, and the last holds every accepted row once
-    manifests = [json.loads((workspace.datasets / r["dataset_version"] / "manifest.json").read_text()) for r in reports]
+    manifests = [json.loads((workspace.datasets_dir / r["dataset_version"] / "manifest.json").read_text()) for r in reports]
     assert [m["parent"] for m in manifests] == [None] + [r["dataset_version"] for r in reports[:-1]]
     assert [d["drop_id"] for d in manifests[-1]["drops"]] == [f"sample-{n}" for n in EXPECTED_SAMPLES]
     train, evaluation = dataset_table(workspace, "train"), dataset_table(workspace, "eval")
@@ -73,11 +73,11 @@ def test_sample_drops_ingest_reconcile_and_chain(workspace):
 def test_reingesting_the_same_drop_is_a_no_op(workspace):
     path = write_jsonl(workspace.root / "in" / "d1" / "rows.jsonl", [qa(i) for i in range(30)])
     first = ingest_drop(paths=[path])
-    before = sorted(p.name for p in workspace.datasets.iterdir())
+    before = sorted(p.name for p in workspace.datasets_dir.iterdir())
     second = ingest_drop(paths=[path])
     assert second["noop"] and second["drop_id"] == first["drop_id"]
     assert second["dataset_version"] == first["dataset_version"] and not second["dataset_changed"]
-    assert sorted(p.name for p in workspace.datasets.iterdir()) == before
+    assert sorted(p.name for p in workspace.datasets_dir.iterdir()) == before
 
 
 def test_same_drop_id_with_new_content_is_refused(workspace):
@@ -93,7 +93,7 @@ def test_overlapping_drop_counts_dataset_duplicates_and_keeps_splits(workspace):
     second = ingest_drop(paths=[write_jsonl(workspace.root / "b" / "rows.jsonl", [qa(i) for i in range(150, 300)])])
     assert (second["accepted"], second["duplicates"]) == (100, 50)
     assert second["dataset_rows"]["train"] + second["dataset_rows"]["eval"] == 300
-    duplicates = pq.read_table(workspace.drops / second["drop_id"] / "duplicates.parquet").to_pylist()
+    duplicates = pq.read_table(workspace.drops_dir / second["drop_id"] / "duplicates.parquet").to_pylist()
     assert {d["duplicate_of"] for d in duplicates} == {f"dataset:{first['dataset_version']}"}
     # no leakage across retrains: every eval row stays in eval
     assert eval_before <= set(dataset_table(workspace, "eval").column("id").to_pylist())
@@ -118,7 +118,7 @@ def test_reject_rate_over_the_limit_fails_the_whole_drop(workspace):
     assert report["status"] == "rejected" and report["held_back"] == 6 and reconciles(report)
     assert report["reasons"] == {"missing_field:completion": 4}
     assert current_version(workspace) is None  # no dataset version
-    assert json.loads((workspace.drops / "too-bad" / "report.json").read_text())["status"] == "rejected"
+    assert json.loads((workspace.drops_dir / "too-bad" / "report.json").read_text())["status"] == "rejected"
     # the same drop passes with a looser limit
     passed = ingest_drop(paths=[path], drop_id="too-bad", config=IngestConfig(max_reject_rate=0.5))
     assert passed["status"] == "ingested" and passed["accepted"] == 6
@@ -180,7 +180,7 @@ def test_unsafe_drop_id_is_refused_before_anything_is_written(workspace):
     path = write_jsonl(workspace.root / "a" / "rows.jsonl", [qa(1)])
     with pytest.raises(DropError, match="not allowed"):
         ingest_drop(paths=[path], drop_id="../../escape")
-    assert not list(workspace.drops.iterdir()) and not (workspace.root.parent / "escape").exists()
+    assert not list(workspace.drops_dir.iterdir()) and not (workspace.root.parent / "escape").exists()
 
 
 def test_shared_alpaca_and_glaive_files_ingest_with_zero_quarantined(workspace):

@@ -6,7 +6,7 @@ import pytest
 
 from flows.ingest import ingest_drop
 from flows.pipeline import sft_pipeline
-from sftflow.errors import SftflowError
+from foundation.errors import SftflowError
 from tests.conftest import ROOT, SAMPLE_DROPS
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(w
     assert summary["evaluation"]["decision"]["promote"]
     assert summary["gguf"]["parity"]["f16"]["passed"]
     assert summary["published"]["version"] == "v0001" and summary["published"]["promoted"]
-    assert (workspace.registry / "tiny-sft" / "CHAMPION").read_text().strip() == "v0001"
+    assert (workspace.registry_dir / "tiny-sft" / "CHAMPION").read_text().strip() == "v0001"
     assert _subflows(state.state_details.flow_run_id) == sorted(
         ["ingest_drop", "train_adapter", "evaluate_adapter", "export_model", "publish_model"])
     # the dashboard's summary artifact tells what the terminal prints
@@ -59,7 +59,7 @@ def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(w
     again = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK)
     assert again["status"] == "skipped" and "already trained with this config" in again["reason"]
     assert again["drops"][0]["noop"] and "training" not in again
-    assert len(list(workspace.runs.iterdir())) == 1
+    assert len(list(workspace.runs_dir.iterdir())) == 1
 
     # A trigger for a version that is no longer current is skipped too.
     older = summary["dataset_version"]
@@ -80,12 +80,12 @@ def test_the_pipeline_trains_in_one_run_directory_per_dataset_version_and_config
     config = load_run_config(CONFIG, QUICK)
     base = f"tiny-sft-ds-0123-{config_hash(config)[:8]}"
     assert pipeline_run_id(workspace, config, "ds-0123", force=False) == base
-    (workspace.runs / base / "checkpoints").mkdir(parents=True)  # killed mid-run: the next run resumes it
+    (workspace.runs_dir / base / "checkpoints").mkdir(parents=True)  # killed mid-run: the next run resumes it
     assert pipeline_run_id(workspace, config, "ds-0123", force=True) == base
-    (workspace.runs / base / "manifest.json").write_text("{}")  # finished: reused, or a new attempt when forced
+    (workspace.runs_dir / base / "manifest.json").write_text("{}")  # finished: reused, or a new attempt when forced
     assert pipeline_run_id(workspace, config, "ds-0123", force=False) == base
     assert pipeline_run_id(workspace, config, "ds-0123", force=True) == f"{base}-r2"
-    (workspace.runs / f"{base}-r2").mkdir()
+    (workspace.runs_dir / f"{base}-r2").mkdir()
     assert pipeline_run_id(workspace, config, "ds-0123", force=True) == f"{base}-r2"
     assert pipeline_run_id(workspace, config, "ds-0124", force=False) != base  # another version, another run
     assert pipeline_run_id(workspace, load_run_config(CONFIG, ["train.max_steps=31"]), "ds-0123", False) != base

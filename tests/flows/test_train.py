@@ -46,7 +46,7 @@ def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
     lora_b = [w for name, w in adapter.items() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(w) > 0 for w in lora_b)  # lora_B starts at zero
 
-    run_dir = workspace.runs / summary["run_id"]
+    run_dir = workspace.runs_dir / summary["run_id"]
     base = AutoModelForCausalLM.from_pretrained(json.loads((run_dir / "worker_spec.json").read_text())["model_path"])
     tuned = PeftModel.from_pretrained(base, summary["adapter_dir"])
     ids = torch.tensor([[1, 4, 5, 6]])
@@ -70,7 +70,7 @@ def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
 
 def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, dataset):
     config = load_run_config(CONFIG, ["train.max_steps=36", "train.save_steps=6", "train.logging_steps=2"])
-    run_dir = workspace.runs / "killed"
+    run_dir = workspace.runs_dir / "killed"
     runner, result = train_until_checkpoint(config, run_dir, 12)
     os.kill(int((run_dir / "worker.pid").read_text()), signal.SIGKILL)
     runner.join(600)
@@ -125,7 +125,7 @@ def test_evaluation_scores_base_and_candidate_and_decides(workspace, dataset):
     assert result["sample_size"] == 16 and "champion" not in result["scores"]
     assert result["decision"]["primary_metric"] == "eval_loss" and result["decision"]["promote"]
     assert "beats the base" in result["decision"]["reason"]
-    saved = json.loads((workspace.runs / run["run_id"] / "eval.json").read_text())
+    saved = json.loads((workspace.runs_dir / run["run_id"] / "eval.json").read_text())
     assert saved["scores"] == result["scores"] and len(saved["answers"]["candidate"]) == 16
 
     async def artifacts():
@@ -148,7 +148,7 @@ def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promot
     assert evaluate_adapter(run_id=first["run_id"])["decision"]["promote"]
     v1 = publish_model(run_id=first["run_id"])
     assert v1["promoted"] and v1["champion"] == v1["version"] == "v0001"
-    root = workspace.registry / config.name
+    root = workspace.registry_dir / config.name
     assert verify_version(root / "v0001") == []
     card = (root / "v0001" / "README.md").read_text()
     assert dataset in card and "eval_loss" in card and "sample-arithmetic" in card
@@ -187,7 +187,7 @@ def test_bad_input_in_the_worker_fails_once_with_its_message(workspace, dataset)
     config = load_run_config(CONFIG, ["model.load_in_4bit=true", "model.dtype=bfloat16", "train.max_steps=2"])
     with pytest.raises(TrainingError, match="load_in_4bit needs CUDA"):
         train_adapter(config=config, run_id="no-gpu")
-    begins = [e for e in read_events(workspace.runs / "no-gpu") if e["event"] == "error"]
+    begins = [e for e in read_events(workspace.runs_dir / "no-gpu") if e["event"] == "error"]
     assert len(begins) == 1  # not retried
 
 
@@ -217,12 +217,12 @@ def test_export_gguf_parity_control_and_publish_with_gguf(workspace, dataset):
     llm = llama_cpp.Llama(result["files"]["q4_k_m"], n_ctx=256, verbose=False)
     assert llm.create_completion("What is 2 + 2?", max_tokens=4, temperature=0)["choices"][0]["text"] is not None
     llm.close()
-    modelfile = (workspace.runs / run["run_id"] / "Modelfile").read_text()
+    modelfile = (workspace.runs_dir / run["run_id"] / "Modelfile").read_text()
     assert "FROM ./gguf/tiny-sft-q4_k_m.gguf" in modelfile and 'PARAMETER stop "<|eot_id|>"' in modelfile
 
     evaluate_adapter(run_id=run["run_id"])
     published = publish_model(run_id=run["run_id"])
-    version = workspace.registry / config.name / published["version"]
+    version = workspace.registry_dir / config.name / published["version"]
     assert (version / "gguf" / "tiny-sft-q8_0.gguf").exists() and (version / "Modelfile").exists()
     assert verify_version(version) == []
     assert "tiny-sft-q4_k_m.gguf" in (version / "README.md").read_text()

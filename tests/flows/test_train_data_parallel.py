@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from flows.ingest import ingest_drop
 from flows.train import train_adapter
 from schemas.config import load_run_config
-from sftflow.errors import ConfigError
+from foundation.errors import ConfigError
 from tasks.preflight import ResourceError
 from tasks.train import read_events, training_ranks, worker_command
 from tests.conftest import ROOT, SAMPLE_DROPS
@@ -90,7 +90,7 @@ def test_two_ranks_train_what_one_rank_trains_with_the_same_global_batch(workspa
     # the global batch is reported, and the same for both: 1 x 4 x 2 and 2 x 4 x 1
     assert (one["world_size"], one["gradient_accumulation_steps"], one["global_batch_size"]) == (1, 2, 8)
     assert (two["world_size"], two["gradient_accumulation_steps"], two["global_batch_size"]) == (2, 1, 8)
-    run_dir = workspace.runs / "two-ranks"
+    run_dir = workspace.runs_dir / "two-ranks"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["global_batch_size"] == 8 and manifest["world_size"] == 2
     assert len(manifest["peak_mem_gib_per_rank"]) == 2 and all(p > 0 for p in manifest["peak_mem_gib_per_rank"])
@@ -105,7 +105,7 @@ def test_two_ranks_train_what_one_rank_trains_with_the_same_global_batch(workspa
 
     # the same rows in every step: tokens summed over the ranks equal one rank's, and the losses match
     assert two["trained_tokens"] == one["trained_tokens"] > 0
-    ones, twos = _steps(read_events(workspace.runs / "one-rank")), _steps(events)
+    ones, twos = _steps(read_events(workspace.runs_dir / "one-rank")), _steps(events)
     assert ones.keys() == twos.keys() and all(abs(twos[s] - ones[s]) <= 1e-4 * ones[s] for s in ones), (ones, twos)
 
     # one adapter and one set of checkpoints, written by rank 0 (each rank adds only its RNG state)
@@ -127,7 +127,7 @@ def test_a_killed_rank_is_resumed_on_two_ranks(workspace, dataset, monkeypatch):
     monkeypatch.setenv("SFTFLOW_CPU_RANKS", "2")
     config = load_run_config(CONFIG, ["train.max_steps=24", "train.save_steps=4", "train.logging_steps=2",
                                       "train.batch_size=4", "train.report_to=[]"])
-    run_dir = workspace.runs / "killed"
+    run_dir = workspace.runs_dir / "killed"
     runner, result = train_until_checkpoint(config, run_dir, 8)
     launcher = psutil.Process(int((run_dir / "worker.pid").read_text()))
     ranks = launcher.children()

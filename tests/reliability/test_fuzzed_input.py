@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from schemas.config import IngestConfig
 from schemas.tables import CANONICAL_SCHEMA
-from sftflow.errors import DropError, DropRejectedError
+from foundation.errors import DropError, DropRejectedError
 from tests.reliability.fuzz_files import (DropFile, csv_files, gzipped_files, json_files, jsonl_files, mismatched_files,
                                           parquet_files)
 

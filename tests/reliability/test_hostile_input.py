@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from schemas.config import ModelConfig
-from sftflow.errors import ConfigError, DropError
+from foundation.errors import ConfigError, DropError
 from tests.conftest import SAMPLE_DROPS
 
 GOOD_ROW = json.dumps({"instruction": "What is 2 + 2?", "output": "4"}) + "\n"

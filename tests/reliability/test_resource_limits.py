@@ -88,7 +88,7 @@ def test_the_export_task_refuses_before_fetching_tools_or_writing_anything(tmp_p
     from tasks import export
 
     model = config_dir(tmp_path, LLAMA_1B)
-    run_dir = workspace.runs / "r1"
+    run_dir = workspace.runs_dir / "r1"
     run_dir.mkdir()
     config = RunConfig.model_validate({"name": "m", "model": {"name": model}})
     (run_dir / "manifest.json").write_text(json.dumps({"config": config.model_dump(mode="json"), "model_path": model,
@@ -117,6 +117,6 @@ def test_the_train_flow_refuses_before_the_worker_starts(tmp_path, workspace, mi
                               "train.max_steps=2"])
     with pytest.raises(ResourceError, match=r"64 x train.max_seq_length 1024 = 65536 tokens .* CPU RAM has 0.50 GiB free"):
         train_adapter(config=config, run_id="too-big")
-    run_dir = workspace.runs / "too-big"
+    run_dir = workspace.runs_dir / "too-big"
     assert not (run_dir / "worker.pid").exists() and not (run_dir / "progress.jsonl").exists()
     assert not (run_dir / "adapter").exists()

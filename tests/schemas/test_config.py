@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from schemas.config import RunConfig, config_hash, load_run_config, parse_overrides
-from sftflow.errors import ConfigError
+from foundation.errors import ConfigError
 from tests.conftest import ROOT
 
 SHIPPED = sorted((ROOT / "flows" / "configs").glob("*.yaml"))

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftflow.errors import DropError
+from foundation.errors import DropError
 from tasks.ingest import (
     CanonicalRow,
     Rejection,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sftflow.errors import DropError
+from foundation.errors import DropError
 from tasks.landing import announce, emitted_record, is_complete, land_drop, scan_landing
 from tests.conftest import SAMPLE_DROPS
 
@@ -26,7 +26,7 @@ def _copy_without_marker(src, dst):
 
 
 def test_a_drop_with_success_marker_is_announced_once(workspace):
-    shutil.copytree(SAMPLE_DROPS / "arithmetic", workspace.landing / "arith-1")
+    shutil.copytree(SAMPLE_DROPS / "arithmetic", workspace.landing_dir / "arith-1")
     send = Recorder()
     first = scan_landing(workspace, quiet_seconds=3600, send=send, log=lambda m: None)
     second = scan_landing(workspace, quiet_seconds=3600, send=send, log=lambda m: None)
@@ -38,7 +38,7 @@ def test_a_drop_with_success_marker_is_announced_once(workspace):
 
 def test_a_drop_without_marker_waits_for_the_quiet_period(workspace):
     # copytree keeps the files' old mtimes, as `cp -a` would: their ctime still says they are new
-    path = _copy_without_marker(SAMPLE_DROPS / "arithmetic", workspace.landing / "arith-2")
+    path = _copy_without_marker(SAMPLE_DROPS / "arithmetic", workspace.landing_dir / "arith-2")
     send = Recorder()
     result = scan_landing(workspace, quiet_seconds=3600, send=send, log=lambda m: None)
     assert result["waiting"] == ["arith-2"] and send.sent == []
@@ -49,7 +49,7 @@ def test_a_drop_without_marker_waits_for_the_quiet_period(workspace):
 
 
 def test_a_failed_send_is_retried_on_the_next_scan_with_the_same_event_id(workspace):
-    shutil.copytree(SAMPLE_DROPS / "arithmetic", workspace.landing / "arith-3")
+    shutil.copytree(SAMPLE_DROPS / "arithmetic", workspace.landing_dir / "arith-3")
 
     def broken(drop):
         raise ConnectionError("server down")
@@ -73,7 +73,7 @@ def test_land_drop_copies_whole_with_marker_and_refuses_new_content_under_an_old
     landed = land_drop(workspace, SAMPLE_DROPS / "json-extraction")
     assert landed.drop_id == "json-extraction" and (landed.path / "_SUCCESS").exists()
     assert (landed.path / "rows.jsonl").read_bytes() == (SAMPLE_DROPS / "json-extraction" / "rows.jsonl").read_bytes()
-    assert not [p for p in workspace.landing.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in workspace.landing_dir.iterdir() if p.name.startswith(".tmp-")]
     other = tmp_path / "json-extraction"
     other.mkdir()
     (other / "rows.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
@@ -91,7 +91,7 @@ def test_announce_records_once_even_when_called_twice(workspace):
 
 @pytest.mark.parametrize("bad_name", ["a..b", "-leading-dash", "a b"])
 def test_entries_with_bad_names_are_refused_and_reported_once(workspace, bad_name):
-    shutil.copytree(SAMPLE_DROPS / "arithmetic", workspace.landing / bad_name)
+    shutil.copytree(SAMPLE_DROPS / "arithmetic", workspace.landing_dir / bad_name)
     send = Recorder()
     first = scan_landing(workspace, 0, send=send, log=lambda m: None)
     second = scan_landing(workspace, 0, send=send, log=lambda m: None)
@@ -103,8 +103,8 @@ def test_symlinks_out_of_the_landing_zone_are_refused_not_followed(workspace, tm
     outside = tmp_path / "secrets"
     outside.mkdir()
     (outside / "rows.jsonl").write_text('{"instruction": "leak", "output": "secret"}\n')
-    (workspace.landing / "linked-dir").symlink_to(outside, target_is_directory=True)
-    inner = workspace.landing / "inner-link"
+    (workspace.landing_dir / "linked-dir").symlink_to(outside, target_is_directory=True)
+    inner = workspace.landing_dir / "inner-link"
     inner.mkdir()
     (inner / "rows.jsonl").symlink_to(outside / "rows.jsonl")
     (inner / "_SUCCESS").touch()
@@ -115,7 +115,7 @@ def test_symlinks_out_of_the_landing_zone_are_refused_not_followed(workspace, tm
     assert "not followed" in reasons["linked-dir"] and "symlinks are not accepted" in reasons["inner-link"]
     with pytest.raises(DropError, match="symlinks are not accepted"):
         land_drop(workspace, inner, "copy-of-inner")
-    assert not (workspace.landing / "copy-of-inner").exists()
+    assert not (workspace.landing_dir / "copy-of-inner").exists()
 
 
 def test_drop_ids_that_escape_are_refused_by_land_drop(workspace):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from schemas.tables import STAGED_SCHEMA
-from sftflow.errors import ConfigError
+from foundation.errors import ConfigError
 from tasks.ingest import normalize_record
 from tasks.validate import SUITE_PATH, default_validator, load_suite, row_features, split_batch
 

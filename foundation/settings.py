@@ -1,0 +1,68 @@
+"""Every `SFTFLOW_*` environment variable, read here and nowhere else.
+
+| variable | meaning | default |
+|---|---|---|
+| SFTFLOW_HOME | the workspace: datasets, drops, runs, registry, caches, Prefect's database | ./.sftflow |
+| SFTFLOW_CACHE | model caches (the tiny model, llama.cpp's converter), shared between workspaces | $SFTFLOW_HOME/cache |
+| SFTFLOW_SDIST_CACHE | where the pinned llama-cpp-python sdist is kept (the Makefile builds its wheel from it) | ~/.cache/sftflow/sdist |
+| SFTFLOW_PROJECT_DIR | the checkout the stack's workers run flows from (prefect.yaml's pull step) | this checkout |
+| SFTFLOW_PROGRESS | 0: no progress bar on stderr while training (workers log events instead) | 1 |
+| SFTFLOW_DATABASE_URL | PostgreSQL URL for the stack's Prefect server (`sftflow up --database-url`) | SQLite in the workspace |
+| SFTFLOW_STACK_ID | set by `sftflow up` in the environment of what it starts, so `down` stops only those | unset |
+| SFTFLOW_CPU_RANKS | tests only, on a machine without CUDA: train with N data-parallel gloo ranks on the CPU | unset |
+
+Tests and benches read variables of their own, never product code: SFTFLOW_TEST_CACHE (keep the tiny
+model between test sessions), SFTFLOW_RECORD_GOLDEN (record the CLI's output shapes),
+SFTFLOW_BENCH_TRAIN (bench/train_gpu.py's training recipe).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+HOME = "SFTFLOW_HOME"
+CACHE = "SFTFLOW_CACHE"
+SDIST_CACHE = "SFTFLOW_SDIST_CACHE"
+PROJECT_DIR_VAR = "SFTFLOW_PROJECT_DIR"
+PROGRESS = "SFTFLOW_PROGRESS"
+DATABASE_URL = "SFTFLOW_DATABASE_URL"
+STACK_ID = "SFTFLOW_STACK_ID"
+CPU_RANKS = "SFTFLOW_CPU_RANKS"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The SFTFLOW_* variables of one environment (the process's own by default), parsed."""
+
+    home: Path
+    cache: Path | None
+    sdist_cache: Path
+    project_dir: Path
+    progress: bool
+    database_url: str | None
+    stack_id: str | None
+    cpu_ranks: int | None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        cpu_ranks = env.get(CPU_RANKS)
+        return cls(
+            home=Path(env.get(HOME, ".sftflow")).absolute(),
+            cache=Path(env[CACHE]).absolute() if env.get(CACHE) else None,
+            sdist_cache=Path(env.get(SDIST_CACHE) or Path.home() / ".cache" / "sftflow" / "sdist"),
+            project_dir=Path(env.get(PROJECT_DIR_VAR) or PROJECT_DIR),
+            progress=env.get(PROGRESS, "1") != "0",
+            database_url=env.get(DATABASE_URL) or None,
+            stack_id=env.get(STACK_ID) or None,
+            cpu_ranks=int(cpu_ranks) if cpu_ranks else None,
+        )
+
+
+def settings() -> Settings:
+    """The settings of this process's environment, read now (tests change the environment between calls)."""
+    return Settings.from_env()
