@@ -111,7 +111,7 @@ def build_tokenized(model_dir: Path, data: Path, repeat: int, work: Path) -> Pat
     from transformers import AutoTokenizer
 
     from schemas.tables import CANONICAL_SCHEMA
-    from tasks.ingest import normalize_record
+    from tasks.ingest.formats import normalize_record
     from tasks.tokenize import tokenize_table
 
     out = work / f"tokenized-{model_dir.name}-x{repeat}"

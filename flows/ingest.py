@@ -22,7 +22,8 @@ from foundation.atomic import exclusive_lock, read_json
 from foundation.errors import DropError, DropRejectedError
 from foundation.workspace import Workspace
 from tasks.format import current_version, write_dataset_version
-from tasks.ingest import check_drop_id, default_drop_id, fingerprint_files, list_drop_files, read_drop
+from tasks.ingest.discovery import check_drop_id, default_drop_id, fingerprint_files, list_drop_files
+from tasks.ingest.stage import read_drop
 from tasks.report import write_drop_report
 from tasks.validate import validate_rows
 

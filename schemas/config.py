@@ -13,8 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from foundation.errors import ConfigError
 
-SourceFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion"]
-
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -23,8 +21,12 @@ class StrictModel(BaseModel):
 class IngestConfig(StrictModel):
     """How a drop is read, validated and split into a dataset version."""
 
-    format: SourceFormat = Field(
-        "auto", description="Source format of every file in the drop; 'auto' detects it per file from its records."
+    # A plain str: the names live in the formats table of the ingest package, which checks them
+    # (tasks.ingest.formats.check_format); schemas may not import tasks.
+    format: str = Field(
+        "auto",
+        description="Source format of every file in the drop: 'auto' (detect it per file from its records) or a "
+        "name from tasks.ingest.formats.FORMATS.",
     )
     eval_ratio: float = Field(
         0.1,

@@ -21,6 +21,7 @@ from foundation.errors import DropRejectedError, SftflowError
 from sftflow.summaries import drop_text, pipeline_text
 from foundation.workspace import Workspace
 from sftflow.stack import configure_prefect_env
+from tasks.ingest.formats import FORMAT_NAMES, check_format
 
 app = typer.Typer(
     help="sftflow: raw instruction drops -> validated datasets -> QLoRA SFT -> evaluated, published models.",
@@ -83,7 +84,7 @@ def ingest(
         Optional[str], typer.Option(help="Name of the drop (default: the first path's name + a content hash).")
     ] = None,
     format: Annotated[
-        str, typer.Option("--format", help="auto|alpaca|sharegpt|openai|prompt_completion (auto: detect per file).")
+        str, typer.Option("--format", help=f"{'|'.join(('auto', *FORMAT_NAMES))} (auto: detect per file).")
     ] = "auto",
     eval_ratio: Annotated[Optional[float], typer.Option(help="Share of rows held out for eval (default 0.1).")] = None,
     max_reject_rate: Annotated[
@@ -94,6 +95,7 @@ def ingest(
 ) -> None:
     """Ingest a drop: read, validate (quarantining bad rows), dedup, split, write a dataset version."""
     try:
+        check_format(format)  # before the workspace and Prefect start: a ConfigError naming the choices
         with _flow_session():
             from pydantic import ValidationError
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from foundation.atomic import exclusive_lock, fsync_tree, read_json, write_json_atomic
 from foundation.errors import DropError
 from foundation.workspace import Workspace
-from tasks.ingest import check_drop_id, fingerprint_files, list_drop_files
+from tasks.ingest.discovery import check_drop_id, fingerprint_files, list_drop_files
 
 EVENT_LANDED = "sftflow.drop.landed"
 SUCCESS_MARKER = "_SUCCESS"

@@ -45,7 +45,7 @@ class StagedCases:
         self.counts: Counter = Counter()  # rows_in == accepted + quarantined, over every case
 
     def stage(self, drop_file: DropFile) -> None:
-        from tasks.ingest import stage_file
+        from tasks.ingest.stage import stage_file
 
         self.cases += 1
         case_dir = self.root / f"case-{self.cases:05d}"

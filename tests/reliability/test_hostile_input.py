@@ -27,7 +27,7 @@ GOOD_ROW = json.dumps({"instruction": "What is 2 + 2?", "output": "4"}) + "\n"
 @pytest.mark.parametrize("drop_id", ["..", "../escape", "a/../../b", "/etc", "/tmp/x", "a/b", ".hidden", "", "x" * 129,
                                      "a\x00b", "a\nb", "abc\n", "~root", "..\\windows"])
 def test_drop_ids_that_could_escape_the_workspace_are_refused(drop_id):
-    from tasks.ingest import check_drop_id
+    from tasks.ingest.discovery import check_drop_id
 
     with pytest.raises(DropError, match="is not allowed: use 1-128 letters") as refused:
         check_drop_id(drop_id)
@@ -35,7 +35,7 @@ def test_drop_ids_that_could_escape_the_workspace_are_refused(drop_id):
 
 
 def test_a_symlinked_file_pointing_outside_the_drop_is_refused_not_followed(tmp_path):
-    from tasks.ingest import list_drop_files
+    from tasks.ingest.discovery import list_drop_files
 
     secret = tmp_path / "outside" / "secret.jsonl"
     secret.parent.mkdir()

@@ -12,20 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from foundation.errors import DropError
-from tasks.ingest import (
-    CanonicalRow,
-    Rejection,
-    check_drop_id,
-    default_drop_id,
-    detect_format,
-    iter_file_records,
-    list_drop_files,
-    normalize_record,
-    read_csv,
-    read_json,
-    read_jsonl,
-    row_id,
-)
+from tasks.ingest.discovery import check_drop_id, default_drop_id, list_drop_files
+from tasks.ingest.formats import CanonicalRow, Rejection, detect_format, normalize_record, row_id
+from tasks.ingest.readers import iter_file_records
+from tasks.ingest.readers.csv_file import read_csv
+from tasks.ingest.readers.json_file import read_json
+from tasks.ingest.readers.jsonl import read_jsonl
 
 
 def jsonl(*lines: bytes) -> io.BytesIO:

@@ -9,7 +9,7 @@ import pytest
 
 from schemas.tables import STAGED_SCHEMA
 from foundation.errors import ConfigError
-from tasks.ingest import normalize_record
+from tasks.ingest.formats import normalize_record
 from tasks.validate import SUITE_PATH, default_validator, load_suite, row_features, split_batch
 
 

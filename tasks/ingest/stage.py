@@ -1,0 +1,180 @@
+"""The task: a drop's files -> staged canonical rows + quarantined rows (Arrow staging tables, in bounded batches).
+
+`read_drop` stages each file into its own two tables, files in parallel: the normalised rows (with
+their raw text) and the rows that could not be normalised, with their reasons.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from foundation import staging
+from schemas.config import IngestConfig
+from schemas.tables import QUARANTINE_SCHEMA, STAGED_SCHEMA
+from tasks.ingest.formats import (
+    UNKNOWN_FORMAT_DETAIL,
+    CanonicalRow,
+    Rejection,
+    check_format,
+    detect_format,
+    normalize_record,
+)
+from tasks.ingest.readers import RawRecord, iter_file_records
+
+DETECT_SAMPLE = 1000  # records read to detect a file's format when it is `auto`
+
+
+@dataclass
+class StagedDrop:
+    """What `read_drop` wrote: references and counts, no payloads."""
+
+    drop_id: str
+    files: dict[str, dict] = field(default_factory=dict)  # url -> {format, rows, quarantined_on_read}
+    rows_in: int = 0
+    staged_rows: int = 0
+    quarantined: int = 0
+    staged_paths: list[str] = field(default_factory=list)
+    quarantine_paths: list[str] = field(default_factory=list)
+
+
+class _BatchWriter:
+    """Buffers rows (tuples in schema order) and writes them as staging record batches."""
+
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int):
+        self.schema, self.batch_rows = schema, batch_rows
+        self.rows: list[tuple] = []
+        self.writer = staging.open_writer(path, schema)
+
+    def add(self, row: tuple) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            columns = [pa.array(col, type=f.type) for col, f in zip(zip(*self.rows), self.schema)]
+            self.writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def stage_records(
+    url: str,
+    records: Iterable[RawRecord],
+    fmt: str | None,
+    drop_id: str,
+    staged: _BatchWriter,
+    quarantine: _BatchWriter,
+) -> Counter:
+    """Normalise each record of one file into `staged`, or quarantine it; returns counts by outcome."""
+    counts: Counter = Counter()
+    for rec in records:
+        counts["rows_in"] += 1
+        if rec.reasons:
+            result: CanonicalRow | Rejection = Rejection(rec.reasons, rec.details)
+        elif fmt is None:
+            result = Rejection(("unknown_format",), UNKNOWN_FORMAT_DETAIL)
+        else:
+            result = normalize_record(rec.value, fmt)
+        if isinstance(result, Rejection):
+            counts["quarantined"] += 1
+            # QUARANTINE_SCHEMA order
+            quarantine.add((drop_id, url, rec.source_row, fmt, list(result.reasons), result.details, rec.raw))
+        else:
+            counts["staged"] += 1
+            # STAGED_SCHEMA order
+            staged.add((result.id, result.messages, result.tools, drop_id, url, rec.source_row, fmt, rec.raw))
+    return counts
+
+
+def _records_with_format(url: str, fmt_option: str, batch_rows: int) -> tuple[str | None, Iterator[RawRecord]]:
+    """The file's format (the option, or the one detected from its first records) and all its records."""
+    records = iter_file_records(url, batch_rows)
+    if fmt_option != "auto":
+        return fmt_option, records
+    head: list[RawRecord] = []
+    for rec in records:
+        head.append(rec)
+        if len(head) >= DETECT_SAMPLE:
+            break
+    fmt = detect_format(r.value for r in head if not r.reasons)
+
+    def chained() -> Iterator[RawRecord]:
+        yield from head
+        yield from records
+
+    return fmt, chained()
+
+
+def stage_file(index: int, url: str, drop_id: str, config: IngestConfig, staging_dir: Path) -> dict:
+    """Read one file into its own staging tables; returns its counts and their paths."""
+    staged_path, quarantine_path = staging_dir / f"normalized-{index:05d}.arrow", staging_dir / f"quarantine-{index:05d}.arrow"
+    staged = _BatchWriter(staged_path, STAGED_SCHEMA, config.batch_rows)
+    quarantine = _BatchWriter(quarantine_path, QUARANTINE_SCHEMA, config.batch_rows)
+    # The loop allocates millions of short-lived, acyclic objects; default GC thresholds make the
+    # collector rescan the batch buffers over and over (~20% of the time). Batches bound memory.
+    gc_threshold = gc.get_threshold()
+    gc.set_threshold(200_000, 50, 100)
+    try:
+        fmt, records = _records_with_format(url, config.format, config.batch_rows)
+        counts = stage_records(url, records, fmt, drop_id, staged, quarantine)
+    finally:
+        gc.set_threshold(*gc_threshold)
+        staged.close()
+        quarantine.close()
+    return {"url": url, "format": fmt, "counts": counts, "staged_path": str(staged_path),
+            "quarantine_path": str(quarantine_path)}
+
+
+def _parallel_map(fn, *args_lists) -> list:
+    """Run fn over files on every core. Fork, not spawn: a spawned worker would spend seconds
+    re-importing Prefect; the forked ones only read files and write their own staging tables."""
+    workers = min(len(args_lists[0]), os.cpu_count() or 1)
+    if workers < 2 or "fork" not in mp.get_all_start_methods():
+        return list(map(fn, *args_lists))
+    gc.freeze()  # keep the children's collector off the parent's pages (copy-on-write)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            return list(pool.map(fn, *args_lists))
+    finally:
+        gc.unfreeze()
+
+
+@task(cache_policy=NO_CACHE)
+def read_drop(files: list[str], drop_id: str, config: IngestConfig, staging_dir: Path) -> StagedDrop:
+    """Read every file of the drop (files in parallel), normalise records, stage rows and quarantine.
+
+    Raises ConfigError, before reading anything, when `config.format` is neither `auto` nor a format
+    of `formats.FORMATS`."""
+    check_format(config.format)
+    logger = get_run_logger()
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    n = len(files)
+    outcomes = _parallel_map(stage_file, range(n), files, [drop_id] * n, [config] * n, [staging_dir] * n)
+    result = StagedDrop(drop_id=drop_id)
+    for outcome in outcomes:
+        counts = outcome["counts"]
+        result.files[outcome["url"]] = {"format": outcome["format"], "rows": counts["rows_in"],
+                                        "quarantined_on_read": counts["quarantined"]}
+        result.rows_in += counts["rows_in"]
+        result.staged_rows += counts["staged"]
+        result.quarantined += counts["quarantined"]
+        result.staged_paths.append(outcome["staged_path"])
+        result.quarantine_paths.append(outcome["quarantine_path"])
+        logger.info("%s: %s rows, format %s, %s unreadable", outcome["url"], counts["rows_in"], outcome["format"],
+                    counts["quarantined"])
+    return result
