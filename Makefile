@@ -27,14 +27,16 @@ $(STAMP): pyproject.toml Makefile
 	    $(LLAMA_SDIST)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 	$(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	SFTFLOW_SDIST_CACHE=$(LLAMA_SDIST) $(BIN)/python -m tasks.export
+	SFTFLOW_SDIST_CACHE=$(LLAMA_SDIST) $(BIN)/python -m tasks.export.tools
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sftflow demo
 
+# The import contracts first (pyproject.toml, docs/architecture.md): a change that breaks a layer fails here.
 # The dashboard test drives headless Chromium (Debian's package, installed when missing).
 test: $(STAMP)
+	$(BIN)/lint-imports
 	bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -q
 

@@ -47,9 +47,10 @@ def main() -> None:
 
     from schemas.config import RunConfig
     from foundation.workspace import Workspace
-from sftflow.stack import configure_prefect_env
+    from sftflow.stack import configure_prefect_env
     from tasks.base_model import tiny_model_dir
-    from tasks.export import export_run
+    from foundation.stores.runs import RunDir
+    from tasks.export.run import ExportSource, export_run
 
     workspace = Workspace.from_env().ensure()
     configure_prefect_env(workspace)
@@ -79,16 +80,14 @@ from sftflow.stack import configure_prefect_env
     from flows.ingest import ingest_drop
 
     report = ingest_drop(paths=[str(ROOT / "data" / "drops" / "arithmetic")], drop_id="bench")
-    run_dir = workspace.runs_dir / "export-bench"
-    run_dir.mkdir(parents=True)
+    run = workspace.runs.create("export-bench")
     run_config = RunConfig.model_validate({"name": f"llama-{args.shape}", "model": {"name": str(model_dir)},
                                            "export": {"merge_dtype": "bfloat16", "parity_prompts": 4, "greedy_tokens": 8}})
-    (run_dir / "manifest.json").write_text(json.dumps({
-        "config": run_config.model_dump(mode="json"), "model_path": str(model_dir), "adapter_dir": str(adapter_dir),
-        "dataset_dir": str(workspace.datasets_dir / report["dataset_version"]), "dataset_version": report["dataset_version"],
-    }))
+    source = ExportSource(run_config.name, str(model_dir), str(adapter_dir),
+                          workspace.datasets.find(report.dataset_version).path("eval"), run_config)
+    run_dir = run.root
     try:
-        summary = export_run(run_dir, workspace, log=lambda *a: print(*a, file=sys.stderr))
+        summary = export_run(run, source, workspace, log=lambda *a: print(*a, file=sys.stderr)).dump()
         passed, failures = True, []
     except Exception as exc:  # record what failed; the figures so far are in export.json
         summary = json.loads((run_dir / "export.json").read_text()) if (run_dir / "export.json").exists() else {}

@@ -106,7 +106,7 @@ def main() -> None:
 
     from bench.train_gpu import build_model
     from foundation.workspace import Workspace
-from sftflow.stack import configure_prefect_env
+    from sftflow.stack import configure_prefect_env
 
     workspace = Workspace.from_env().ensure()
     configure_prefect_env(workspace)

@@ -1,7 +1,7 @@
 """Where a training step's time goes: torch.profiler around a few steps of the project's own worker.
 
 bench/train_gpu.py --profile starts the worker through this module instead of
-`python -m tasks.engines.worker`; the worker runs unchanged, with one callback more:
+`python -m tasks.processes.trainer`; the training process runs unchanged, with one callback more:
 
     python bench/profile_step.py RUN_DIR/worker_spec.json OUT_PREFIX FIRST_STEP COUNT
 
@@ -304,10 +304,11 @@ class StepProfiler:
 
 
 def main(spec_path: str, out_prefix: str, first_step: int, count: int) -> None:
+    from foundation.artifacts import ErrorEvent
     from foundation.errors import SftflowError
-    from tasks.engines import worker
+    from tasks.processes import trainer
 
-    make_class = worker.sft_trainer_class
+    make_class = trainer.sft_trainer_class
 
     def profiled_trainer_class():
         cls = make_class()
@@ -319,11 +320,11 @@ def main(spec_path: str, out_prefix: str, first_step: int, count: int) -> None:
 
         return build
 
-    worker.sft_trainer_class = profiled_trainer_class  # the worker looks it up when it builds its trainer
+    trainer.sft_trainer_class = profiled_trainer_class  # the recipe looks it up when it builds its trainer
     try:
-        worker.main(spec_path)
+        trainer.main(spec_path)
     except SftflowError as exc:
-        worker.emit("error", message=str(exc))
+        trainer.emit(ErrorEvent(message=str(exc)))
         sys.exit(2)
 
 

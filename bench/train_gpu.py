@@ -12,7 +12,7 @@ vocabulary, Llama-3 chat template) trained on the data file. The data is the Alp
 repeated `--repeat` times, tokenized once with sftflow's own code (chat template, response-only
 labels) and given to every recipe, so they all see the same tokens:
 
-- sftflow-unsloth-packed / sftflow-hf-packed: the project's worker (`tasks.engines.worker`), packing on,
+- sftflow-unsloth-packed / sftflow-hf-packed: the project's training process (`tasks.processes.trainer`), packing on,
   `--packed-batch` sequences of 2048 tokens per step (`sftflow-unsloth-packed@32`: 32 of them);
 - sftflow-unsloth-unpacked: the same, packing off (its loss is the reference for the packed run);
 - ref-hf-padded: plain transformers + peft + bitsandbytes 4-bit + trl SFTTrainer, batch 8, padded;
@@ -145,6 +145,7 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
     `gpus` > 1 GPUs, with the train task's environment). With `profile` (a path prefix), one GPU:
     bench/profile_step.py starts the same worker and profiles PROFILE_STEPS more steps after `steps`
     (left out of the timed window and the losses), writing its summary to <profile>.json and .txt."""
+    from foundation.artifacts import WorkerSpec
     from schemas.config import RunConfig
     from tasks.train import DATA_PARALLEL_ENV, worker_command
 
@@ -167,8 +168,8 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
                   **json.loads(os.environ.get("SFTFLOW_BENCH_TRAIN", "{}"))},
     })
     spec = run_dir / "worker_spec.json"
-    spec.write_text(json.dumps({"run_dir": str(run_dir), "model_path": str(model_dir), "engine": engine,
-                                "config": config.model_dump(mode="json")}))
+    WorkerSpec(run_dir=str(run_dir), model_path=str(model_dir), engine=engine,
+               config=config.model_dump(mode="json")).write(spec)
     started = time.monotonic()
     env = {**os.environ, **(DATA_PARALLEL_ENV if gpus > 1 else {})}
     command = worker_command(spec, gpus)
@@ -231,11 +232,26 @@ def _profile_line(prefix: Path) -> dict:
     return line
 
 
+class CountingCollator:
+    """Wraps a collator to count the tokens that carry a label (the ones the model learns) and the tokens
+    that are not padding (the ones the model computes on usefully): the plain recipes' token counts."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.trained_tokens = 0
+        self.non_pad_tokens = 0
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        self.trained_tokens += int((batch["labels"] != -100).sum())
+        mask = batch.get("attention_mask")
+        self.non_pad_tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+
 def _plain_trainer(model, tokenizer, tokenized: Path, batch: int, steps: int, work: Path, unsloth: bool):
     import datasets
     from trl import SFTConfig, SFTTrainer
-
-    from tasks.engines.worker import CountingCollator
 
     rows = datasets.Dataset.from_parquet(str(tokenized / "train.parquet")).remove_columns("id")
     args = SFTConfig(output_dir=str(work / "ref-out"), per_device_train_batch_size=batch, max_steps=steps,

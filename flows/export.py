@@ -8,29 +8,13 @@ llama-cpp-python sdist (downloaded from PyPI once, sha256-checked, cached under 
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
-from flows.evaluate import run_dir_of
-from foundation.workspace import Workspace
-from tasks.export import export_run
-
-
-@task(cache_policy=NO_CACHE)
-def export_gguf(run_id: str, quants: list[str] | None) -> dict:
-    logger = get_run_logger()
-    workspace = Workspace.from_env().ensure()
-    summary = export_run(run_dir_of(workspace, run_id), workspace, quants, log=logger.info)
-    create_table_artifact(
-        key="gguf-parity",
-        table=[{"gguf": kind, **result} for kind, result in summary["parity"].items()],
-        description=f"{run_id}: GGUF parity against the merged HF model (control: base without adapter)",
-    )
-    return summary
+from foundation.artifacts import ExportReport
+from tasks.export.run import export_gguf
 
 
 @flow(name="export_model")
-def export_model(run_id: str, quants: list[str] | None = None) -> dict:
+def export_model(run_id: str, quants: list[str] | None = None) -> ExportReport:
     """Merge the adapter, write GGUF files and check each against the HF model."""
     return export_gguf(run_id, quants)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.evaluate import run_dir_of
-from foundation.workspace import Workspace
+from foundation.artifacts import PublishResult
 from tasks.publish import publish_run
 
 
 @flow(name="publish_model")
-def publish_model(run_id: str) -> dict:
+def publish_model(run_id: str) -> PublishResult:
     """Write registry/<name>/<version>/ atomically; the champion pointer moves only on promotion."""
-    workspace = Workspace.from_env().ensure()
-    return publish_run(run_dir_of(workspace, run_id), workspace)
+    return publish_run(run_id)

@@ -285,29 +285,34 @@ class Tokenized(Artifact):
     eos_ids: list[int]
 
 
-class RunManifest(Batching):
-    """The reproducibility record of a finished training run."""
+class RunFigures(Batching):
+    """What a finished run's manifest and its summary both report."""
 
-    run_id: str
-    config: dict[str, Any]  # a RunConfig (schemas.config) as JSON
-    config_hash: str
-    dataset_version: str
-    dataset_dir: str
-    model_path: str
-    seed: int
+    adapter_dir: str
     engine: str
-    libraries: dict[str, str]
-    hardware: dict[str, Any]
     global_step: int
     loss_first: float | None
     loss_last: float | None
     trained_tokens: int
-    train_runtime_s: float
     tokens_per_s: float | None
     peak_mem_gib: float
+    dataset_version: str
+    config_hash: str
+
+
+class RunManifest(RunFigures):
+    """The reproducibility record of a finished training run."""
+
+    run_id: str
+    config: dict[str, Any]  # a RunConfig (schemas.config) as JSON
+    dataset_dir: str
+    model_path: str
+    seed: int
+    libraries: dict[str, str]
+    hardware: dict[str, Any]
+    train_runtime_s: float
     peak_mem_gib_per_rank: list[float] | None
     tokenized: Tokenized
-    adapter_dir: str
 
     @property
     def name(self) -> str:
@@ -315,21 +320,11 @@ class RunManifest(Batching):
         return self.config["name"]
 
 
-class RunSummary(Batching):
+class RunSummary(RunFigures):
     """What a finished training run reports (the train flow's result, `sftflow train --json`)."""
 
     run_id: str
     run_dir: str
-    adapter_dir: str
-    engine: str
-    global_step: int
-    loss_first: float | None
-    loss_last: float | None
-    trained_tokens: int
-    tokens_per_s: float | None
-    peak_mem_gib: float
-    dataset_version: str
-    config_hash: str
     truncation_rate: float
     trainable_share: float
 

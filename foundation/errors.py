@@ -8,10 +8,7 @@ subclasses of `SftflowError`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from foundation.artifacts import DropReport
+from pydantic import BaseModel
 
 
 class SftflowError(Exception):
@@ -29,11 +26,11 @@ class DropError(SftflowError):
 class DropRejectedError(SftflowError):
     """A drop was read, but too many of its rows failed validation; no dataset version was written.
 
-    `report` is the drop report that explains why; it is also on disk under the drop's directory in
-    the workspace.
+    `report` is the drop report (a `foundation.artifacts.DropReport`) that explains why; it is also on
+    disk under the drop's directory in the workspace.
     """
 
-    def __init__(self, message: str, report: DropReport):
+    def __init__(self, message: str, report: BaseModel):
         super().__init__(message)
         self.report = report
 

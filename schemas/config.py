@@ -12,6 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from foundation.errors import ConfigError
+from schemas.metrics import PromotableMetric
+from schemas.quants import LORA_THRESHOLDS, NAMES as QUANT_NAMES, QUANTS, QuantName
 
 
 class StrictModel(BaseModel):
@@ -57,6 +59,7 @@ class IngestConfig(StrictModel):
 # The run config: one validated object for a training run, loaded from YAML + key=value overrides
 # ---------------------------------------------------------------------------------------------
 
+# The training back ends: each name is a module under tasks/engines/ (auto picks one, see pick_engine).
 Engine = Literal["auto", "unsloth", "hf"]
 
 
@@ -172,7 +175,7 @@ class EvalConfig(StrictModel):
     seed: int = Field(0, description="Seed of the generation sample: the same rows for every model and run.")
     max_new_tokens: int = Field(128, gt=0, description="Generation limit; answers cut here count as not stopped.")
     batch_size: int = Field(16, gt=0, description="Rows per batch for loss scoring and generation.")
-    primary_metric: Literal["eval_loss", "exact_match", "rouge_l", "chrf"] = Field(
+    primary_metric: PromotableMetric = Field(
         "rouge_l", description="The metric the promotion gate compares (eval_loss: lower is better)."
     )
     min_improvement: float = Field(
@@ -180,13 +183,10 @@ class EvalConfig(StrictModel):
     )
 
 
-Quant = Literal["f16", "q8_0", "q4_k_m"]
-
-
 class ExportConfig(StrictModel):
     """GGUF export and its parity check against the merged HF model."""
 
-    quants: list[Quant] = Field(["f16", "q8_0", "q4_k_m"], description="GGUF files to make (f16 is always made).")
+    quants: list[QuantName] = Field(list(QUANT_NAMES), description="GGUF files to make (f16 is always made).")
     merge_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Dtype the base is reloaded in to merge the adapter (never the 4-bit base)."
     )
@@ -194,12 +194,7 @@ class ExportConfig(StrictModel):
     parity_prompts: int = Field(8, gt=0, description="Eval prompts (fixed sample) the parity check runs on.")
     greedy_tokens: int = Field(16, gt=0, description="Greedy tokens compared per prompt.")
     thresholds: dict[str, dict[str, float]] = Field(
-        {
-            "f16": {"max_kl": 1e-3, "min_greedy": 0.9},
-            "q8_0": {"max_kl": 1e-2},
-            "q4_k_m": {"min_top1": 0.85},
-            "lora": {"max_kl": 1e-3, "min_greedy": 0.9},
-        },
+        {**{q.name: q.thresholds for q in QUANTS}, "lora": LORA_THRESHOLDS},
         description="Parity limits per GGUF (max_kl, min_top1, min_greedy); token ids must always match.",
     )
 

@@ -17,9 +17,10 @@ from typing import Annotated, Optional
 import orjson
 import typer
 
-from foundation.errors import DropRejectedError, SftflowError
-from sftflow.summaries import drop_text, pipeline_text
+from foundation.artifacts import Artifact, DropReport, PipelineSummary, PublishResult
+from foundation.errors import ConfigError, DropRejectedError, SftflowError
 from foundation.workspace import Workspace
+from schemas.quants import NAMES as QUANT_NAMES
 from sftflow.stack import configure_prefect_env
 from tasks.ingest.formats import FORMAT_NAMES, check_format
 
@@ -36,7 +37,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "flows" / "configs" / "ti
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object on stdout.")]
 
 
-def _emit(obj: dict, as_json: bool, human: str) -> None:
+def _emit(obj: dict | Artifact, as_json: bool, human: str) -> None:
+    if isinstance(obj, Artifact):
+        obj = obj.dump()
     if as_json:
         sys.stdout.write(orjson.dumps(obj).decode() + "\n")
     else:
@@ -111,11 +114,19 @@ def ingest(
             report = ingest_drop(paths=list(paths), drop_id=drop_id, config=config)
     except DropRejectedError as exc:
         if as_json:
-            _emit({k: exc.report.get(k) for k in INGEST_KEYS} | {"error": exc.report["error"]}, True, "")
+            _emit(_ingest_keys(exc.report) | {"error": exc.report.error}, True, "")
         _fail(exc)
     except SftflowError as exc:
         _fail(exc)
-    _emit({k: report.get(k) for k in INGEST_KEYS}, as_json, drop_text(report))
+    from tasks.report import drop_text
+
+    _emit(_ingest_keys(report), as_json, drop_text(report))
+
+
+def _ingest_keys(report: DropReport) -> dict:
+    """The report's INGEST_KEYS, each present (null when the report has no value for it)."""
+    fields = report.model_dump(mode="json")
+    return {k: fields[k] for k in INGEST_KEYS}
 
 
 def _pydantic_message(exc: Exception) -> str:
@@ -164,11 +175,11 @@ def train(
     except SftflowError as exc:
         _fail(exc)
     human = (
-        f"run {summary['run_id']} ({summary['engine']} engine, dataset {summary['dataset_version']})\n"
-        f"  loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f} over {summary['global_step']} steps, "
-        f"{summary['trained_tokens']} trained tokens at {summary['tokens_per_s']} tokens/s, "
-        f"peak memory {summary['peak_mem_gib']:.2f} GiB\n"
-        f"  adapter: {summary['adapter_dir']}"
+        f"run {summary.run_id} ({summary.engine} engine, dataset {summary.dataset_version})\n"
+        f"  loss {summary.loss_first:.4f} -> {summary.loss_last:.4f} over {summary.global_step} steps, "
+        f"{summary.trained_tokens} trained tokens at {summary.tokens_per_s} tokens/s, "
+        f"peak memory {summary.peak_mem_gib:.2f} GiB\n"
+        f"  adapter: {summary.adapter_dir}"
     )
     _emit(summary, as_json, human)
 
@@ -186,26 +197,28 @@ def evaluate(
             result = evaluate_adapter(run_id=run)
     except SftflowError as exc:
         _fail(exc)
-    metrics = ("eval_loss", "perplexity", "exact_match", "rouge_l", "chrf", "json_valid", "stop_rate")
+    from schemas.metrics import NAMES as metrics
+
     rows = [f"  {'model':<10}" + "".join(f"{m:>12}" for m in metrics)]
-    for model, scores in result["scores"].items():
+    for model, scores in result.scores.items():
         rows.append(f"  {model:<10}" + "".join(f"{'-' if scores[m] is None else scores[m]:>12}" for m in metrics))
-    decision = result["decision"]
-    human = "\n".join([f"run {run}: {'PROMOTE' if decision['promote'] else 'do not promote'}", *rows,
-                       f"  {decision['reason']}"])
+    decision = result.decision
+    human = "\n".join([f"run {run}: {'PROMOTE' if decision.promote else 'do not promote'}", *rows,
+                       f"  {decision.reason}"])
     _emit(result, as_json, human)
 
 
 @app.command()
 def export(
     run: Annotated[str, typer.Option("--run", help="Run id of a finished training run.")],
-    quant: Annotated[Optional[str], typer.Option("--quant", help="Comma list of f16,q8_0,q4_k_m (default: the config's).")] = None,
+    quant: Annotated[Optional[str], typer.Option(
+        "--quant", help=f"Comma list of {','.join(QUANT_NAMES)} (default: the config's).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Merge the adapter, write GGUF files with llama.cpp's tools, check each against the HF model."""
     quants = [q.strip() for q in quant.split(",")] if quant else None
-    if quants and not set(quants) <= {"f16", "q8_0", "q4_k_m"}:
-        _fail(SftflowError(f"--quant {quant}: choose from f16, q8_0, q4_k_m"))
+    if quants and not set(quants) <= set(QUANT_NAMES):
+        _fail(ConfigError(f"--quant {quant}: choose from {', '.join(QUANT_NAMES)}"))
     try:
         with _flow_session():
             from flows.export import export_model
@@ -213,10 +226,10 @@ def export(
             result = export_model(run_id=run, quants=quants)
     except SftflowError as exc:
         _fail(exc)
-    lines = [f"exported {run}: {result['gguf_dir']}"]
-    for kind, p in result["parity"].items():
-        lines.append(f"  {kind:<17} KL {p['kl']:.2e}  top-1 {p['top1']:.3f}  greedy {p['greedy_match']:.3f}  "
-                     f"ids {'equal' if p['token_ids_equal'] == 1 else 'DIFFER'}")
+    lines = [f"exported {run}: {result.gguf_dir}"]
+    for kind, p in result.parity.items():
+        lines.append(f"  {kind:<17} KL {p.kl:.2e}  top-1 {p.top1:.3f}  greedy {p.greedy_match:.3f}  "
+                     f"ids {'equal' if p.token_ids_equal == 1 else 'DIFFER'}")
     _emit(result, as_json, "\n".join(lines))
 
 
@@ -233,8 +246,8 @@ def publish(
             result = publish_model(run_id=run)
     except SftflowError as exc:
         _fail(exc)
-    state = "champion" if result["promoted"] else f"not promoted (champion: {result['champion'] or 'none'})"
-    _emit(result, as_json, f"published {result['name']} {result['version']}: {state}\n  {result['path']}")
+    state = "champion" if result.promoted else f"not promoted (champion: {result.champion or 'none'})"
+    _emit(result, as_json, f"published {result.name} {result.version}: {state}\n  {result.path}")
 
 
 @app.command()
@@ -286,40 +299,36 @@ def serve(
 @app.command()
 def datasets(as_json: JsonOption = False) -> None:
     """List the dataset versions in the workspace, newest first, and which one is current."""
-    from tasks.format import DatasetVersion, current_version
-
     workspace = Workspace.from_env()
     try:
-        current = current_version(workspace)
+        store = workspace.check_layout().datasets
+        current = store.current()
+        manifests = [v.manifest for v in store.versions()]
     except SftflowError as exc:
         _fail(exc)
-    versions = []
-    if workspace.datasets_dir.is_dir():
-        for path in workspace.datasets_dir.iterdir():
-            if (path / "manifest.json").exists() and not path.name.startswith("."):
-                m = DatasetVersion(path).manifest
-                versions.append({"version": m["version"], "created_at": m["created_at"], "rows": m["rows"],
-                                 "parent": m["parent"], "drops": [d["drop_id"] for d in m["drops"]]})
+    versions = [{"version": m.version, "created_at": m.created_at, "rows": m.rows.dump(), "parent": m.parent,
+                 "drops": [d.drop_id for d in m.drops]} for m in manifests]
     versions.sort(key=lambda v: (v["created_at"], len(v["drops"])), reverse=True)
     human = "\n".join(
         f"{'*' if current and v['version'] == current.name else ' '} {v['version']}  {v['created_at']}  "
         f"train {v['rows']['train']:>7}  eval {v['rows']['eval']:>6}  drops {len(v['drops'])}"
         for v in versions
-    ) or f"no dataset versions in {workspace.datasets_dir}"
+    ) or f"no dataset versions in {store.root}"
     _emit({"current": current.name if current else None, "versions": versions}, as_json, human)
 
 
-def _chat_hint(published: dict | None, workspace: Workspace) -> str:
+def _chat_hint(published: PublishResult | None) -> str:
     if not published:
         return "sftflow chat   (talks to the champion, if there is one)"
-    ref = f"{published['name']}@{published['version']}"
-    return (f"sftflow chat --model {ref}   (the GGUF through llama.cpp)\n"
-            f"  or with peft: PeftModel.from_pretrained(base, '{published['path']}/adapter')")
+    return (f"sftflow chat --model {published.name}@{published.version}   (the GGUF through llama.cpp)\n"
+            f"  or with peft: PeftModel.from_pretrained(base, '{published.path}/adapter')")
 
 
-def _pipeline_summary(result: dict, workspace: Workspace) -> str:
+def _pipeline_summary(result: PipelineSummary, workspace: Workspace) -> str:
+    from tasks.report import pipeline_text
+
     return (f"{pipeline_text(result)}\n\nworkspace: {workspace.root}\n"
-            f"chat with it: {_chat_hint(result.get('published'), workspace)}")
+            f"chat with it: {_chat_hint(result.published)}")
 
 
 @app.command()
@@ -335,9 +344,8 @@ def demo(as_json: JsonOption = False) -> None:
             result = sft_pipeline(drops=drops, config=str(DEMO_CONFIG))
     except SftflowError as exc:
         _fail(exc)
-    result["workspace"] = str(workspace.root)
-    result["chat"] = _chat_hint(result.get("published"), workspace)
-    _emit(result, as_json, _pipeline_summary(result, workspace))
+    output = result.dump() | {"workspace": str(workspace.root), "chat": _chat_hint(result.published)}
+    _emit(output, as_json, _pipeline_summary(result, workspace))
 
 
 @app.command()
@@ -419,18 +427,19 @@ def watch(
 def up(
     port: Annotated[int, typer.Option(help="Loopback port of the Prefect server and dashboard.")] = 4200,
     database_url: Annotated[Optional[str], typer.Option(
-        help="PostgreSQL URL for the server (postgresql+asyncpg://...); default SQLite under the workspace.",
-        envvar="SFTFLOW_DATABASE_URL")] = None,
+        help="PostgreSQL URL for the server (postgresql+asyncpg://...; default $SFTFLOW_DATABASE_URL, else SQLite "
+             "under the workspace).")] = None,
     watch: Annotated[bool, typer.Option(help="Also start the landing-zone watcher.")] = True,
     quiet_seconds: Annotated[float, typer.Option(help="The watcher's quiet period for drops without _SUCCESS.")] = 30.0,
     as_json: JsonOption = False,
 ) -> None:
     """Start a local Prefect server, the cpu and gpu pools with a worker each, the deployments and the watcher."""
+    from foundation.settings import settings
     from sftflow.stack import up as stack_up
 
     workspace = Workspace.from_env()
     try:
-        state = stack_up(workspace, port=port, database_url=database_url, watch=watch, quiet_seconds=quiet_seconds,
+        state = stack_up(workspace, port=port, database_url=database_url or settings().database_url, watch=watch, quiet_seconds=quiet_seconds,
                          log=lambda m: typer.echo(m, err=True))
     except SftflowError as exc:
         _fail(exc)

@@ -28,11 +28,11 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from foundation.atomic import read_json, write_json_atomic
+from foundation import settings
+from foundation.artifacts import StackProcess, StackState
 from foundation.errors import SftflowError
 from foundation.workspace import Workspace
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 POOLS = {"cpu": None, "gpu": 1}  # name -> concurrency limit
 HEARTBEAT_SECONDS = 30  # flow runs of the workers send a heartbeat this often (Prefect's minimum)
@@ -44,22 +44,18 @@ class StackError(SftflowError):
     """The local stack cannot be started or reached."""
 
 
-def state_path(workspace: Workspace) -> Path:
-    return workspace.stack_state
+def read_state(workspace: Workspace) -> StackState | None:
+    path = workspace.stack_state
+    return StackState.read(path) if path.exists() else None
 
 
-def read_state(workspace: Workspace) -> dict | None:
-    path = state_path(workspace)
-    return read_json(path) if path.exists() else None
-
-
-def is_ours(proc: dict, stack_id: str) -> bool:
+def is_ours(proc: StackProcess, stack_id: str) -> bool:
     """Is this pid still the process we started? (its environment carries our stack id)"""
     try:
-        environ = Path(f"/proc/{proc['pid']}/environ").read_bytes()
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
-    return f"SFTFLOW_STACK_ID={stack_id}".encode() in environ.split(b"\0")
+    return f"{settings.STACK_ID}={stack_id}".encode() in environ.split(b"\0")
 
 
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -75,9 +71,9 @@ def active_api_url(workspace: Workspace) -> str | None:
     state = read_state(workspace)
     if not state:
         return None
-    server = state["processes"].get("server")
-    if server and is_ours(server, state["stack_id"]):
-        return state["api_url"]
+    server = state.processes.get("server")
+    if server and is_ours(server, state.stack_id):
+        return state.api_url
     return None
 
 
@@ -88,10 +84,10 @@ def stack_env(workspace: Workspace, api_url: str, stack_id: str, database_url: s
         "PREFECT_HOME": str(workspace.prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "GX_ANALYTICS_ENABLED": "false",
-        "SFTFLOW_HOME": str(workspace.root),
-        "SFTFLOW_PROJECT_DIR": str(PROJECT_DIR),
-        "SFTFLOW_PROGRESS": "0",  # workers log progress events; no progress bar in their logs
-        "SFTFLOW_STACK_ID": stack_id,
+        settings.HOME: str(workspace.root),
+        settings.PROJECT_DIR_VAR: str(settings.PROJECT_DIR),
+        settings.PROGRESS: "0",  # workers log progress events; no progress bar in their logs
+        settings.STACK_ID: stack_id,
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
     })
     if database_url:
@@ -99,12 +95,12 @@ def stack_env(workspace: Workspace, api_url: str, stack_id: str, database_url: s
     return env
 
 
-def _spawn(name: str, command: list[str], env: dict, logs: Path) -> dict:
+def _spawn(name: str, command: list[str], env: dict, logs: Path) -> StackProcess:
     log = logs / f"{name}.log"
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=fh,
+        proc = subprocess.Popen(command, cwd=settings.PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    return {"pid": proc.pid, "command": command, "log": str(log)}
+    return StackProcess(pid=proc.pid, command=command, log=str(log))
 
 
 def _run(command: list[str], env: dict, what: str, logs: Path) -> None:
@@ -112,21 +108,21 @@ def _run(command: list[str], env: dict, what: str, logs: Path) -> None:
     with open(logs / "setup.log", "ab") as fh:
         fh.write(f"\n$ {' '.join(command)}\n".encode())
         fh.flush()
-        done = subprocess.run(command, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=fh,
+        done = subprocess.run(command, cwd=settings.PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=fh,
                               stderr=subprocess.STDOUT, timeout=600)
     if done.returncode != 0:
         raise StackError(f"{what} failed (exit {done.returncode}); see {logs / 'setup.log'}")
 
 
-def _wait_healthy(api_url: str, server: dict, stack_id: str, timeout: float) -> None:
+def _wait_healthy(api_url: str, server: StackProcess, stack_id: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if healthy(api_url):
             return
         if not is_ours(server, stack_id):
-            raise StackError(f"the Prefect server exited during start-up; see {server['log']}")
+            raise StackError(f"the Prefect server exited during start-up; see {server.log}")
         time.sleep(0.5)
-    raise StackError(f"the Prefect server did not answer at {api_url}/health within {timeout:.0f} s; see {server['log']}")
+    raise StackError(f"the Prefect server did not answer at {api_url}/health within {timeout:.0f} s; see {server.log}")
 
 
 def ensure_zombie_automation(api_url: str) -> None:
@@ -168,7 +164,7 @@ def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database
        watch: bool = True, quiet_seconds: float = 30.0, interval: float = 5.0, log=print) -> dict:
     """Start server, pools, deployments, workers and watcher; returns the state (also in stack/state.json)."""
     workspace.ensure()
-    if (running := read_state(workspace)) and any(is_ours(p, running["stack_id"]) for p in running["processes"].values()):
+    if (running := read_state(workspace)) and any(is_ours(p, running.stack_id) for p in running.processes.values()):
         return restart_stopped(workspace, running, log)
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise StackError(f"--host {host}: the stack listens on loopback only; put a reverse proxy with "
@@ -179,19 +175,19 @@ def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database
     api_url = f"http://{host}:{port}/api"
     env = stack_env(workspace, api_url, stack_id, database_url)
     prefect = str(BIN / "prefect")
-    state = {"stack_id": stack_id, "api_url": api_url, "dashboard_url": f"http://{host}:{port}",
-             "workspace": str(workspace.root), "database": "postgresql" if database_url else "sqlite",
-             "started_at": time.time(), "processes": {}}
+    state = StackState(stack_id=stack_id, api_url=api_url, dashboard_url=f"http://{host}:{port}",
+                       workspace=str(workspace.root), database="postgresql" if database_url else "sqlite",
+                       started_at=time.time(), processes={})
 
     def save() -> None:
-        write_json_atomic(state_path(workspace), state)
+        state.write(workspace.stack_state)
 
     try:
         log(f"starting the Prefect server on {host}:{port}")
-        state["processes"]["server"] = _spawn("server", [prefect, "server", "start", "--host", host, "--port",
+        state.processes["server"] = _spawn("server", [prefect, "server", "start", "--host", host, "--port",
                                                          str(port)], env, logs)
         save()
-        _wait_healthy(api_url, state["processes"]["server"], stack_id, timeout=180)
+        _wait_healthy(api_url, state.processes["server"], stack_id, timeout=180)
         for pool, limit in POOLS.items():
             _run([prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], env,
                  f"creating work pool {pool}", logs)
@@ -202,49 +198,49 @@ def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database
         _run([prefect, "--no-prompt", "deploy", "--all"], env, "prefect deploy --all", logs)
         ensure_zombie_automation(api_url)
         for pool in POOLS:
-            state["processes"][f"worker-{pool}"] = _spawn(
+            state.processes[f"worker-{pool}"] = _spawn(
                 f"worker-{pool}", [prefect, "worker", "start", "--pool", pool, "--name", f"sftflow-{pool}"], env, logs)
         if watch:
-            state["processes"]["watcher"] = _spawn(
+            state.processes["watcher"] = _spawn(
                 "watcher", [str(BIN / "sftflow"), "watch", "--interval", str(interval), "--quiet-seconds",
                             str(quiet_seconds)], env, logs)
         save()
     except BaseException:
         down(workspace)
         raise
-    return state
+    return state.dump()
 
 
-def restart_stopped(workspace: Workspace, state: dict, log=print) -> dict:
+def restart_stopped(workspace: Workspace, state: StackState, log=print) -> dict:
     """`up` on a running stack: start again the workers and the watcher that have stopped (killed, or
     their host rebooted); the server's flow runs that were lost with them are marked Crashed by the
     heartbeat automation and started again by whatever waits on them."""
-    stack_id = state["stack_id"]
-    stopped = [name for name, proc in state["processes"].items() if not is_ours(proc, stack_id)]
+    stack_id = state.stack_id
+    stopped = [name for name, proc in state.processes.items() if not is_ours(proc, stack_id)]
     if not stopped:
-        raise StackError(f"a stack started from this workspace is running ({state['dashboard_url']}); "
+        raise StackError(f"a stack started from this workspace is running ({state.dashboard_url}); "
                          "`sftflow status` shows it, `sftflow down` stops it")
     if "server" in stopped:
-        raise StackError(f"the Prefect server of the stack at {state['dashboard_url']} has stopped: "
+        raise StackError(f"the Prefect server of the stack at {state.dashboard_url} has stopped: "
                          "`sftflow down`, then `sftflow up` (the database keeps every run)")
-    env = stack_env(workspace, state["api_url"], stack_id, None)  # the server alone reads the database URL
+    env = stack_env(workspace, state.api_url, stack_id, None)  # the server alone reads the database URL
     for name in stopped:
-        state["processes"][name] = _spawn(name, state["processes"][name]["command"], env, workspace.stack_logs)
+        state.processes[name] = _spawn(name, state.processes[name].command, env, workspace.stack_logs)
         log(f"restarted {name} (it had stopped)")
-    write_json_atomic(state_path(workspace), state)
-    return state | {"restarted": stopped}
+    state.write(workspace.stack_state)
+    return state.dump() | {"restarted": stopped}
 
 
 def status(workspace: Workspace) -> dict:
     state = read_state(workspace)
     if not state:
         return {"running": False, "message": f"no stack was started from {workspace.root} (sftflow up starts one)"}
-    processes = {name: {**proc, "alive": is_ours(proc, state["stack_id"])} for name, proc in state["processes"].items()}
-    result = {"running": any(p["alive"] for p in processes.values()), "dashboard_url": state["dashboard_url"],
-              "api_url": state["api_url"], "database": state["database"], "processes": processes,
-              "api_healthy": healthy(state["api_url"])}
+    processes = {name: {**proc.dump(), "alive": is_ours(proc, state.stack_id)} for name, proc in state.processes.items()}
+    result = {"running": any(p["alive"] for p in processes.values()), "dashboard_url": state.dashboard_url,
+              "api_url": state.api_url, "database": state.database, "processes": processes,
+              "api_healthy": healthy(state.api_url)}
     if result["api_healthy"]:
-        result |= _server_view(state["api_url"])
+        result |= _server_view(state.api_url)
     return result
 
 
@@ -276,24 +272,24 @@ def down(workspace: Workspace, grace_seconds: float = 20.0) -> dict:
     if not state:
         return {"stopped": [], "message": f"no stack was started from {workspace.root}"}
     stopped = []
-    order = [n for n in ("watcher", "worker-gpu", "worker-cpu", "server") if n in state["processes"]]
+    order = [n for n in ("watcher", "worker-gpu", "worker-cpu", "server") if n in state.processes]
     for name in order:
-        proc = state["processes"][name]
-        if not is_ours(proc, state["stack_id"]):
+        proc = state.processes[name]
+        if not is_ours(proc, state.stack_id):
             continue
         try:
-            os.killpg(proc["pid"], signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             continue
         deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline and is_ours(proc, state["stack_id"]):
-            _reap(proc["pid"])
+        while time.monotonic() < deadline and is_ours(proc, state.stack_id):
+            _reap(proc.pid)
             time.sleep(0.2)
-        if is_ours(proc, state["stack_id"]):
-            os.killpg(proc["pid"], signal.SIGKILL)
-        _reap(proc["pid"])
+        if is_ours(proc, state.stack_id):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _reap(proc.pid)
         stopped.append(name)
-    state_path(workspace).unlink(missing_ok=True)
+    workspace.stack_state.unlink(missing_ok=True)
     return {"stopped": stopped}
 
 

@@ -233,7 +233,7 @@ def build_tiny_model(target: Path, log=print) -> Path:
 
 def tiny_model_dir(workspace: Workspace, log=print) -> Path:
     """The cached tiny model, built on first use (one builder at a time)."""
-    models = workspace.cache / "models"
+    models = workspace.models_cache
     target = models / f"tiny-llama-{tiny_model_key()}"
     with exclusive_lock(models / ".tiny.lock"):
         if not (target / "sftflow_tiny.json").exists():

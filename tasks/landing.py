@@ -25,13 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from foundation.atomic import exclusive_lock, fsync_tree, read_json, write_json_atomic
+from foundation.artifacts import EmittedRecord, LandedPayload, RefusedRecord
+from foundation.atomic import fsync_tree
 from foundation.errors import DropError
+from foundation.stores.landing import SUCCESS_MARKER
 from foundation.workspace import Workspace
 from tasks.ingest.discovery import check_drop_id, fingerprint_files, list_drop_files
 
 EVENT_LANDED = "sftflow.drop.landed"
-SUCCESS_MARKER = "_SUCCESS"
 EVENT_NAMESPACE = uuid.UUID("5f2b3c1e-6a1d-4c52-9a39-2f6f3b1e8d10")
 
 
@@ -46,9 +47,9 @@ class LandedDrop:
     def event_id(self) -> uuid.UUID:
         return uuid.uuid5(EVENT_NAMESPACE, f"{self.drop_id}/{self.fingerprint}")
 
-    def payload(self) -> dict:
-        return {"drop_id": self.drop_id, "path": str(self.path), "files": len(self.files),
-                "fingerprint": self.fingerprint}
+    def payload(self) -> LandedPayload:
+        return LandedPayload(drop_id=self.drop_id, path=str(self.path), files=len(self.files),
+                             fingerprint=self.fingerprint)
 
 
 def landing_entries(drop_dir: Path) -> list[Path]:
@@ -100,16 +101,6 @@ def describe(path: Path) -> LandedDrop:
     return LandedDrop(drop_id, path, files, fingerprint_files(files))
 
 
-def _record(directory: Path, name: str, record: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(directory / f"{name}.json", record)
-
-
-def emitted_record(workspace: Workspace, drop_id: str) -> dict | None:
-    path = workspace.landing_dir / ".emitted" / f"{drop_id}.json"
-    return read_json(path) if path.exists() else None
-
-
 def send_landed_event(drop: LandedDrop) -> None:
     """Send `sftflow.drop.landed` to the configured Prefect server; raises when it cannot be delivered."""
     import asyncio
@@ -124,7 +115,7 @@ def send_landed_event(drop: LandedDrop) -> None:
     event = Event(
         event=EVENT_LANDED,
         resource={"prefect.resource.id": f"sftflow.drop.{drop.drop_id}", "prefect.resource.name": drop.drop_id},
-        payload=drop.payload(),
+        payload=drop.payload().dump(),
         id=drop.event_id,
         occurred=datetime.now(timezone.utc),
     )
@@ -137,29 +128,30 @@ def send_landed_event(drop: LandedDrop) -> None:
 
 
 def announce(workspace: Workspace, drop: LandedDrop,
-             send: Callable[[LandedDrop], None] = send_landed_event) -> dict | None:
+             send: Callable[[LandedDrop], None] = send_landed_event) -> EmittedRecord | None:
     """Send the event for one complete drop, then record that it was sent; None when it already was.
 
     The check, the send and the record happen under the landing zone's lock, so the watcher and
     `sftflow drop` never both announce the same drop.
     """
-    with exclusive_lock(workspace.landing_dir / ".lock"):
-        previous = emitted_record(workspace, drop.drop_id)
+    landing = workspace.landing
+    with landing.lock():
+        previous = landing.emitted(drop.drop_id)
         if previous is not None:
-            if previous["fingerprint"] != drop.fingerprint:
+            if previous.fingerprint != drop.fingerprint:
                 raise DropError(f"{drop.path}: the drop changed after it was announced (fingerprint "
-                                f"{previous['fingerprint'][:12]} -> {drop.fingerprint[:12]}); drops are immutable: "
+                                f"{previous.fingerprint[:12]} -> {drop.fingerprint[:12]}); drops are immutable: "
                                 "land new data under a new name")
             return None
         send(drop)
-        record = {**drop.payload(), "event_id": str(drop.event_id), "emitted_at": time.time()}
-        _record(workspace.landing_dir / ".emitted", drop.drop_id, record)
+        record = EmittedRecord(**drop.payload().dump(), event_id=str(drop.event_id), emitted_at=time.time())
+        landing.record_emitted(record)
     return record
 
 
-def _changed(path: Path, record: dict) -> bool:
+def _changed(path: Path, record: EmittedRecord) -> bool:
     """Cheap check of an announced drop: anything modified after it was announced?"""
-    return last_change(path) > record["emitted_at"]
+    return last_change(path) > record.emitted_at
 
 
 def scan_landing(workspace: Workspace, quiet_seconds: float, send: Callable[[LandedDrop], None] = send_landed_event,
@@ -169,32 +161,30 @@ def scan_landing(workspace: Workspace, quiet_seconds: float, send: Callable[[Lan
     Returns {"announced": [...], "waiting": [...], "refused": [...]} (refusals are recorded once
     under .refused/ and not reported again).
     """
-    landing = workspace.landing_dir
-    landing.mkdir(parents=True, exist_ok=True)
+    landing = workspace.landing
+    landing.root.mkdir(parents=True, exist_ok=True)
     result: dict[str, list] = {"announced": [], "waiting": [], "refused": []}
-    for path in sorted(landing.iterdir()):
+    for path in landing.entries():
         name = path.name
-        if name.startswith("."):
-            continue
-        if (landing / ".refused" / f"{name}.json").exists():
+        if landing.refused(name):
             continue
         try:
             if not path.is_symlink() and path.is_dir() and not is_complete(path, quiet_seconds):
                 result["waiting"].append(name)
                 continue
-            previous = None if path.is_symlink() else emitted_record(workspace, name)
+            previous = None if path.is_symlink() else landing.emitted(name)
             if previous is not None and not _changed(path, previous):
                 continue
             drop = describe(path)
             record = announce(workspace, drop, send)
         except DropError as exc:
-            _record(landing / ".refused", name, {"name": name, "reason": str(exc), "refused_at": time.time()})
+            landing.record_refused(RefusedRecord(name=name, reason=str(exc), refused_at=time.time()))
             result["refused"].append({"name": name, "reason": str(exc)})
             log(f"refused {name}: {exc}")
             continue
         if record is not None:
-            result["announced"].append(record)
-            log(f"announced drop {drop.drop_id} ({len(drop.files)} files, event {record['event_id']})")
+            result["announced"].append(record.dump())
+            log(f"announced drop {drop.drop_id} ({len(drop.files)} files, event {record.event_id})")
     return result
 
 
@@ -209,7 +199,7 @@ def land_drop(workspace: Workspace, source: Path, drop_id: str | None = None) ->
         landing_entries(source)  # refuse symlinks before copying anything
     elif source.is_symlink() or not source.is_file():
         raise DropError(f"{source}: pass a regular file or a directory of data files")
-    target = workspace.landing_dir / drop_id
+    target = workspace.landing.dir_of(drop_id)
     if target.exists() or target.is_symlink():
         existing = describe(target)
         incoming = fingerprint_files(list_drop_files([str(source)]))
@@ -217,9 +207,7 @@ def land_drop(workspace: Workspace, source: Path, drop_id: str | None = None) ->
             return existing
         raise DropError(f"{target} already holds other data under drop id {drop_id!r}; drops are immutable: "
                         "choose another --drop-id")
-    workspace.landing_dir.mkdir(parents=True, exist_ok=True)
-    tmp = workspace.landing_dir / f".tmp-{drop_id}-{uuid.uuid4().hex[:8]}"
-    try:
+    with workspace.landing.incoming(drop_id) as tmp:
         if source.is_dir():
             shutil.copytree(source, tmp, symlinks=True)
         else:
@@ -228,6 +216,4 @@ def land_drop(workspace: Workspace, source: Path, drop_id: str | None = None) ->
         (tmp / SUCCESS_MARKER).touch()
         fsync_tree(tmp)
         os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return describe(target)

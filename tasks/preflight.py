@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.config import RunConfig
+from schemas.quants import BY_NAME as QUANTS
 from foundation.errors import SftflowError
 
 GIB = 1024**3
 RUNTIME_BYTES = GIB // 2  # CUDA context / the Python and torch runtime of the worker
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# bits per weight of the GGUF types (llama.cpp: q8_0 stores 32 weights in 34 bytes; q4_k_m ~4.85 bits)
-GGUF_BITS = {"f16": 16.0, "q8_0": 8.5, "q4_k_m": 4.85}
 
 
 class ResourceError(SftflowError):
@@ -185,7 +184,7 @@ def export_disk(shape: ModelShape, config: RunConfig, quants: list[str], lora_r:
     merged = shape.params * BYTES[config.export.merge_dtype]
     parts = {"merged model": merged}
     for quant in quants:
-        parts[f"gguf {quant}"] = int(shape.params * GGUF_BITS[quant] / 8)
+        parts[f"gguf {quant}"] = int(shape.params * QUANTS[quant].bits_per_weight / 8)
     parts["control base f16 (temporary)"] = int(shape.params * 2)
     if config.export.lora_gguf:
         parts["gguf lora"] = shape.lora_params(lora_r, config.lora.target_modules) * 2

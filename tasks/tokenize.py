@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,8 +24,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from schemas.config import RunConfig
+from foundation.artifacts import Tokenized, TokenizedSplit
 from foundation.errors import SftflowError
+from foundation.workspace import Workspace
+from schemas.config import RunConfig
+from tasks.engines.tokenizer import TemplateError, load_tokenizer
 
 IGNORE = -100
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
@@ -43,10 +45,6 @@ TOKENIZED_SCHEMA = pa.schema(
 
 class GateError(SftflowError):
     """A training-data gate failed; the message names the rows and the fix."""
-
-
-class TemplateError(SftflowError):
-    """The chat template cannot be used to find assistant spans."""
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:
@@ -108,7 +106,6 @@ class GateReport:
     trainable_share: float
     dropped_no_labels: int
     pad_is_eot: bool
-    example_markdown: str = ""
 
 
 def check_pad_masking(tokenizer, examples: list[Example], eot_ids: set[int], collate=None) -> None:
@@ -214,40 +211,23 @@ def run_gates(tokenizer, rows: pa.Table, max_length: int, max_truncation_rate: f
     return table, examples, report
 
 
-def load_tokenizer(model_path: str, config: RunConfig):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path, trust_remote_code=config.model.trust_remote_code, revision=config.model.revision
-    )
-    if config.model.chat_template:
-        tokenizer.chat_template = config.model.chat_template
-    if not tokenizer.chat_template:
-        raise TemplateError(f"{model_path} has no chat template; set model.chat_template in the run config")
-    if tokenizer.pad_token_id is None:
-        # a distinct pad token when the vocabulary has one (Llama 3 does); eos otherwise, which the gate checks
-        vocab = tokenizer.get_vocab()
-        tokenizer.pad_token = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in vocab else tokenizer.eos_token
-    return tokenizer
-
-
 @task(cache_policy=NO_CACHE)
-def tokenize_dataset(dataset_dir: str, model_path: str, config: RunConfig, run_dir: Path) -> dict:
+def tokenize_dataset(dataset_version: str, model_path: str, config: RunConfig, run_id: str) -> Tokenized:
     """Tokenize the dataset version's train and eval splits into the run directory; run the gates."""
     logger = get_run_logger()
+    workspace = Workspace.from_env()
+    dataset, run = workspace.datasets.find(dataset_version), workspace.runs.dir(run_id)
     tokenizer = load_tokenizer(model_path, config)
-    out = run_dir / "tokenized"
-    out.mkdir(parents=True, exist_ok=True)
-    result = {}
+    run.tokenized_dir.mkdir(parents=True, exist_ok=True)
+    splits = {}
     for split in ("train", "eval"):
-        rows = pq.read_table(Path(dataset_dir) / f"{split}.parquet")
         table, examples, gates = run_gates(
-            tokenizer, rows, config.train.max_seq_length, config.train.max_truncation_rate, split
+            tokenizer, pq.read_table(dataset.path(split)), config.train.max_seq_length,
+            config.train.max_truncation_rate, split
         )
-        pq.write_table(table, out / f"{split}.parquet")
+        pq.write_table(table, run.tokenized(split))
         trainable = sum(sum(1 for t in e.labels if t != IGNORE) for e in examples)
-        result[split] = {"rows": table.num_rows, "trainable_tokens": trainable, **gates.__dict__,
-                         "path": str(out / f"{split}.parquet")}
+        splits[split] = TokenizedSplit(trainable_tokens=trainable, **gates.__dict__, path=str(run.tokenized(split)))
         logger.info("%s: %s rows, %s trainable tokens (%.0f%% of tokens), %s truncated (%.1f%%)", split,
                     table.num_rows, trainable, 100 * gates.trainable_share, gates.truncated, 100 * gates.truncation_rate)
         if split == "train" and examples:
@@ -256,5 +236,4 @@ def tokenize_dataset(dataset_dir: str, model_path: str, config: RunConfig, run_d
                 markdown=mask_markdown(tokenizer, examples[0], table.column("id")[0].as_py()),
                 description="One training example as the model sees it, with its loss mask",
             )
-    result["eos_ids"] = sorted(end_of_turn_ids(tokenizer))
-    return result
+    return Tokenized(**splits, eos_ids=sorted(end_of_turn_ids(tokenizer)))

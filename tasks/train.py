@@ -1,41 +1,57 @@
-"""Train: run the training subprocess, relay its progress, record the run.
+"""Train: prepare a run, launch the training process, follow its events, record the run.
 
-`train_model` launches `python -m tasks.engines.worker` and turns its JSON-line events into Prefect
-logs, a progress artifact and (for CLI runs) a progress bar on stderr. If the worker dies (a kill,
-an OOM), the task fails with `WorkerDiedError` and Prefect retries it: the new worker resumes from
-the last checkpoint in the run directory, so the run finishes with the same number of steps.
+`train_model` launches `python -m tasks.processes.trainer` and turns its `WorkerEvent` lines into
+Prefect logs, a progress artifact and (for CLI runs) a progress bar on stderr. If the process dies (a
+kill, an OOM), the task fails with `WorkerDiedError` and Prefect retries it: the new process resumes
+from the last checkpoint in the run directory, so the run finishes with the same number of steps.
 
-With `train.num_gpus` > 1 (or `auto` on a host with several GPUs) the worker runs under
+With `train.num_gpus` > 1 (or `auto` on a host with several GPUs) the process runs under
 `python -m torch.distributed.run --standalone --nproc_per_node=N`: one DDP rank per GPU, rank 0 alone
 reporting progress and writing checkpoints and the adapter. The global batch is per-device batch x
 gradient accumulation x N. Tests run the same path on a machine without CUDA through
 `SFTFLOW_CPU_RANKS=N`, honoured only there: N ranks on the CPU with torch's gloo backend.
+
+The decision a pipeline takes before it trains (`training_plan`: train, or skip and why) is here too.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import platform
 import signal
-import subprocess
 import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 
+import yaml
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from foundation import processes
+from foundation.artifacts import (
+    Batching,
+    SplitRows,
+    EndEvent,
+    RunFigures,
+    RunManifest,
+    RunSummary,
+    Tokenized,
+    WorkerEvent,
+    WorkerSpec,
+    parse_event,
+)
+from foundation.errors import ConfigError, NotFoundError, SftflowError
+from foundation.settings import settings
+from foundation.stores.runs import RunDir
+from foundation.workspace import Workspace
 from schemas.config import RunConfig, TrainConfig, config_hash
-from foundation.atomic import write_json_atomic
-from foundation.errors import ConfigError, SftflowError
-from tasks.engines import data_parallel_problem
+from tasks.base_model import resolve_model
+from tasks.engines import data_parallel_problem, pick_engine
 from tasks.preflight import ResourceError, check_training_fits
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerDiedError(RuntimeError):
@@ -46,24 +62,71 @@ class TrainingError(SftflowError):
     """The training subprocess rejected its input (a bad config or model); retrying will not help."""
 
 
-def _retry_if_worker_died(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except WorkerDiedError:
-        return True
-    except BaseException:
-        return False
-    return False
+# ---------------------------------------------------------------------------------------------
+# Before training: the plan, the run directory, the ranks
+# ---------------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL it when the process that started it dies, so a
-    killed flow run leaves no orphan trainer writing into the run directory its retry resumes from."""
-    import ctypes
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a pipeline run does about training: train in `run_id`, or skip for `reason`."""
 
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    dataset_version: str
+    dataset_rows: SplitRows | None = None  # of the current version (a stale request does not report them)
+    run_id: str | None = None
+    reason: str | None = None
+    registry_version: str | None = None  # the version that already holds this training
+
+    @property
+    def skip(self) -> bool:
+        return self.reason is not None
+
+
+def training_plan(name: str, current: str, current_rows: SplitRows, requested: str | None,
+                  already_published: str | None, digest: str, force: bool, run_id: str) -> TrainingPlan:
+    """Skip a dataset version that is no longer current (the newer one has its own run) and one that was
+    already trained with this config (unless `force`); otherwise train `current` in `run_id`."""
+    if requested and requested != current:
+        return TrainingPlan(requested, reason=f"dataset version {requested} is no longer current ({current} is): "
+                                              "skipped, the newer version is trained by its own run")
+    if already_published and not force:
+        return TrainingPlan(
+            current, current_rows, registry_version=already_published,
+            reason=f"dataset version {current} was already trained with this config (config hash {digest[:12]}): "
+                   f"registry {name}/{already_published}; nothing to do (force=True retrains)")
+    return TrainingPlan(current, current_rows, run_id=run_id)
+
+
+@task(cache_policy=NO_CACHE)
+def plan_training(config: RunConfig, dataset_version: str | None, force: bool) -> TrainingPlan:
+    """The plan for the current dataset version (or the requested one): train, or skip and why."""
+    workspace = Workspace.from_env().ensure()
+    current = workspace.datasets.current()
+    if current is None:
+        raise NotFoundError(f"no dataset version in {workspace.datasets_dir}: ingest a drop first "
+                            "(sftflow ingest PATH, or pass drops=[...])")
+    if dataset_version:
+        workspace.datasets.find(dataset_version)  # a clear error for a name that does not exist
+    digest = config_hash(config)
+    return training_plan(config.name, current.name, current.manifest.rows, dataset_version,
+                         workspace.registry.published_with(config.name, current.name, digest), digest, force,
+                         pipeline_run_id(workspace, config, current.name, force))
+
+
+def pipeline_run_id(workspace: Workspace, config: RunConfig, dataset_version: str, force: bool) -> str:
+    """The run directory a pipeline trains in: one per dataset version and config.
+
+    The same id comes back until that run has finished, so a pipeline run that dies (its process
+    killed, its host lost) and is started again resumes the training from its last checkpoint
+    instead of starting over. A finished run is reused (its adapter is evaluated, exported and
+    published as if just trained) unless `force`, which starts a new attempt (`-r2`, `-r3`, ...).
+    """
+    return workspace.runs.attempt(f"{config.name}-{dataset_version}-{config_hash(config)[:8]}", force)
+
+
+def new_run_id(config: RunConfig) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")[:-3]
+    return f"{config.name}-{stamp}-{config_hash(config)[:6]}"
 
 
 # NVLink multicast must stay off on the lent multi-GPU machines (../shared/gpu/README.md); harmless elsewhere.
@@ -78,9 +141,9 @@ def training_ranks(train: TrainConfig) -> int:
     import torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    cpu_ranks = os.environ.get("SFTFLOW_CPU_RANKS")
+    cpu_ranks = settings().cpu_ranks
     if visible == 0 and cpu_ranks:
-        return int(cpu_ranks)
+        return cpu_ranks
     if train.num_gpus == "auto":
         return max(1, visible)
     if train.num_gpus > 1 and train.num_gpus > visible:
@@ -95,116 +158,182 @@ def training_ranks(train: TrainConfig) -> int:
     return train.num_gpus
 
 
-def worker_command(spec: Path, ranks: int) -> list[str]:
-    """The training subprocess: the worker itself, or torchrun starting one worker per rank."""
+@dataclass(frozen=True)
+class PreparedRun:
+    run_id: str
+    dataset_version: str
+    model_path: str
+    engine: str
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_run(config: RunConfig, dataset_version: str | None, run_id: str | None) -> PreparedRun:
+    """The run directory with its config, the dataset version, the engine and the base model (resolved)."""
+    logger = get_run_logger()
+    workspace = Workspace.from_env().ensure()
+    dataset = workspace.datasets.find(dataset_version)
+    run = workspace.runs.create(run_id or new_run_id(config))
+    run.config_yaml.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    engine = pick_engine(config.train.engine, ranks=training_ranks(config.train))
+    model_path = resolve_model(config.model, workspace, log=logger.info)
+    logger.info("run %s: %s on dataset %s with the %s engine", run.run_id, model_path, dataset.name, engine)
+    return PreparedRun(run.run_id, dataset.name, model_path, engine)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training process: launch, follow, classify its end
+# ---------------------------------------------------------------------------------------------
+
+
+def worker_command(spec, ranks: int) -> list[str]:
+    """The training process: itself, or torchrun starting one per rank."""
     if ranks == 1:
-        return [sys.executable, "-m", "tasks.engines.worker", str(spec)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-            "-m", "tasks.engines.worker", str(spec)]
+        return processes.module_command("tasks.processes.trainer", str(spec))
+    return processes.module_command("torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                                    "-m", "tasks.processes.trainer", str(spec))
 
 
-def read_events(run_dir: Path) -> list[dict]:
-    path = run_dir / "progress.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _retry_if_worker_died(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except WorkerDiedError:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+class EventFollower:
+    """Relays the training process's events: Prefect logs, the progress artifact, the progress bar on
+    stderr, progress.jsonl; keeps the end event or the error."""
+
+    def __init__(self, run: RunDir, logger):
+        self.run, self.logger = run, logger
+        self.end: EndEvent | None = None
+        self.error: str | None = None
+        self.bar, self.max_steps = None, 0
+        self.progress_id = create_progress_artifact(progress=0.0, description=f"Training {run.run_id}")
+
+    def follow(self, lines, log, events) -> None:
+        """Read the process's stdout to its end; a line that is no event (a library's print) goes to the log."""
+        try:
+            for line in lines:
+                try:
+                    event = parse_event(line)
+                except ValueError:
+                    log.write(line)
+                    continue
+                events.write(line if line.endswith("\n") else line + "\n")
+                events.flush()
+                self.on_event(event)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def on_event(self, event: WorkerEvent) -> None:
+        if event.event == "begin":
+            self.max_steps = event.max_steps
+            self.bar = _progress_bar(event.max_steps, event.resumed_from_step)
+            if event.resumed_from_step:
+                self.logger.info("resuming from step %s of %s", event.resumed_from_step, event.max_steps)
+        elif event.event == "log":
+            self.logger.info("step %s/%s loss %.4f lr %.2e", event.step, self.max_steps, event.loss,
+                             event.learning_rate or 0.0)
+            update_progress_artifact(self.progress_id, 100.0 * event.step / max(1, self.max_steps))
+            if self.bar is not None:
+                self.bar.update(event.step - self.bar.n)
+                self.bar.set_postfix(loss=f"{event.loss:.3f}")
+        elif event.event == "eval":
+            self.logger.info("step %s eval loss %.4f", event.step, event.eval_loss)
+        elif event.event == "checkpoint":
+            self.logger.info("checkpoint at step %s", event.step)
+        elif event.event == "end":
+            self.end = event
+        elif event.event == "error":
+            self.error = event.message
 
 
 def _progress_bar(total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, desc="training", dynamic_ncols=True,
-                disable=os.environ.get("SFTFLOW_PROGRESS", "1") == "0")
+                disable=not settings().progress)
 
 
-@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_if_worker_died, cache_policy=NO_CACHE)
-def train_model(run_dir: Path, model_path: str, config: RunConfig, engine: str) -> dict:
-    """Run (or resume) training in a subprocess; returns the worker's final event.
+def end_of_training(returncode: int, end: EndEvent | None, error: str | None, log_tail: str) -> Exception | None:
+    """What the process's exit means: None (it finished), bad input (not retried), or a death (retried)."""
+    if error is not None:
+        return TrainingError(error)
+    if returncode == 0 and end is not None:
+        return None
+    if returncode < 0 or returncode in (137, 143):  # killed by a signal: resume on retry
+        name = signal.Signals(-returncode).name if returncode < 0 else str(returncode)
+        return WorkerDiedError(f"training worker killed ({name}); the retry resumes from the last checkpoint")
+    return WorkerDiedError(f"training worker exited with status {returncode}; last lines of worker.log:\n{log_tail}")
 
-    A config that cannot fit in the device's memory is refused first (ResourceError, not retried).
-    """
+
+def check_can_train(model_path: str, config: RunConfig, engine: str, ranks: int, log) -> None:
+    """Refuse, before anything starts, an engine that cannot run the ranks, or a run that cannot fit."""
     import torch
 
-    logger = get_run_logger()
-    ranks = training_ranks(config.train)
     if ranks > 1 and (problem := data_parallel_problem(engine)):
         raise ConfigError(f"the {engine} engine cannot train on {ranks} GPUs: {problem}. Set train.engine=hf, or "
                           "train.num_gpus=1")
-    check_training_fits(model_path, config, cuda=torch.cuda.is_available(), log=logger.info, engine=engine)
-    spec = run_dir / "worker_spec.json"
-    write_json_atomic(spec, {"run_dir": str(run_dir), "model_path": model_path, "engine": engine,
-                             "config": config.model_dump(mode="json")})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    if ranks > 1:
-        env.update(DATA_PARALLEL_ENV)
-        t = config.train
-        logger.info("data-parallel on %s ranks: global batch %s = %s per device x %s accumulation x %s ranks",
-                    ranks, t.batch_size * t.gradient_accumulation_steps * ranks, t.batch_size,
-                    t.gradient_accumulation_steps, ranks)
-    progress_id = create_progress_artifact(progress=0.0, description=f"Training {run_dir.name}")
-    with open(run_dir / "worker.log", "a") as log, open(run_dir / "progress.jsonl", "a") as events:
-        proc = subprocess.Popen(
-            worker_command(spec, ranks),
-            stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        (run_dir / "worker.pid").write_text(str(proc.pid))
-        end, error, bar, max_steps = None, None, None, 0
+    check_training_fits(model_path, config, cuda=torch.cuda.is_available(), log=log, engine=engine)
+
+
+def launch_environment(ranks: int, config: RunConfig, logger) -> dict[str, str]:
+    if ranks == 1:
+        return processes.child_env()
+    t = config.train
+    logger.info("data-parallel on %s ranks: global batch %s = %s per device x %s accumulation x %s ranks",
+                ranks, t.batch_size * t.gradient_accumulation_steps * ranks, t.batch_size,
+                t.gradient_accumulation_steps, ranks)
+    return processes.child_env(extra=DATA_PARALLEL_ENV)
+
+
+@task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_if_worker_died, cache_policy=NO_CACHE)
+def train_model(run_id: str, model_path: str, config: RunConfig, engine: str) -> EndEvent:
+    """Run (or resume) training in a subprocess; returns its end event.
+
+    A config that cannot fit in the device's memory is refused first (ResourceError, not retried).
+    """
+    import subprocess
+
+    logger = get_run_logger()
+    run = Workspace.from_env().runs.dir(run_id)
+    ranks = training_ranks(config.train)
+    check_can_train(model_path, config, engine, ranks, logger.info)
+    WorkerSpec(run_dir=str(run.root), model_path=model_path, engine=engine,
+               config=config.model_dump(mode="json")).write(run.worker_spec)
+    follower = EventFollower(run, logger)
+    env = launch_environment(ranks, config, logger)
+    with open(run.worker_log, "a") as log, open(run.progress, "a") as events:
+        proc = processes.start(worker_command(run.worker_spec, ranks), run.worker_log, env, stdout=subprocess.PIPE)
+        run.worker_pid.write_text(str(proc.pid))
         try:
-            for line in proc.stdout:
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    log.write(line)  # a library printed to stdout
-                    continue
-                events.write(json.dumps(event) + "\n")
-                events.flush()
-                kind = event["event"]
-                if kind == "begin":
-                    max_steps = event["max_steps"]
-                    bar = _progress_bar(max_steps, event["resumed_from_step"])
-                    if event["resumed_from_step"]:
-                        logger.info("resuming from step %s of %s", event["resumed_from_step"], max_steps)
-                elif kind == "log":
-                    logger.info("step %s/%s loss %.4f lr %.2e", event["step"], max_steps, event["loss"],
-                                event["learning_rate"] or 0.0)
-                    update_progress_artifact(progress_id, 100.0 * event["step"] / max(1, max_steps))
-                    if bar is not None:
-                        bar.update(event["step"] - bar.n)
-                        bar.set_postfix(loss=f"{event['loss']:.3f}")
-                elif kind == "eval":
-                    logger.info("step %s eval loss %.4f", event["step"], event["eval_loss"])
-                elif kind == "checkpoint":
-                    logger.info("checkpoint at step %s", event["step"])
-                elif kind == "end":
-                    end = event
-                elif kind == "error":
-                    error = event["message"]
+            follower.follow(proc.stdout, log, events)
         finally:
-            if bar is not None:
-                bar.close()
             returncode = proc.wait()
-    if error is not None:
-        raise TrainingError(error)
-    if returncode != 0 or end is None:
-        tail = "".join((run_dir / "worker.log").read_text().splitlines(keepends=True)[-15:])
-        if returncode < 0 or returncode in (137, 143):  # killed by a signal: resume on retry
-            name = signal.Signals(-returncode).name if returncode < 0 else str(returncode)
-            raise WorkerDiedError(f"training worker killed ({name}); the retry resumes from the last checkpoint")
-        raise WorkerDiedError(f"training worker exited with status {returncode}; last lines of worker.log:\n{tail}")
-    update_progress_artifact(progress_id, 100.0)
-    return end
+    if failure := end_of_training(returncode, follower.end, follower.error, processes.log_tail(run.worker_log)):
+        raise failure
+    update_progress_artifact(follower.progress_id, 100.0)
+    return follower.end
 
 
-def loss_curve_png(events: list[dict]) -> bytes:
+# ---------------------------------------------------------------------------------------------
+# After training: the record
+# ---------------------------------------------------------------------------------------------
+
+
+def loss_curve_png(events: list[WorkerEvent]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_step = {e["step"]: e["loss"] for e in events if e["event"] == "log"}  # a resumed run re-logs steps
-    evals = {e["step"]: e["eval_loss"] for e in events if e["event"] == "eval"}
+    by_step = {e.step: e.loss for e in events if e.event == "log"}  # a resumed run re-logs steps
+    evals = {e.step: e.eval_loss for e in events if e.event == "eval"}
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     steps = sorted(by_step)
     ax.plot(steps, [by_step[s] for s in steps], label="train loss")
@@ -241,50 +370,111 @@ def hardware() -> dict:
     return info
 
 
-BATCH_KEYS = ("world_size", "per_device_batch_size", "gradient_accumulation_steps", "global_batch_size")
-
-
-def batch_fields(end: dict) -> dict:
-    """How the run batched (from the worker's end event): comparable across GPU counts by global_batch_size."""
-    return {key: end.get(key) for key in BATCH_KEYS}
+def run_manifest(run: RunDir, config: RunConfig, dataset_dir: str, model_path: str, engine: str,
+                 tokenized: Tokenized, end: EndEvent) -> RunManifest:
+    """The reproducibility record of a finished run (pure but for the library and hardware lookups)."""
+    losses = [e.loss for e in run.events() if e.event == "log"]
+    return RunManifest(
+        run_id=run.run_id, config=config.model_dump(mode="json"), config_hash=config_hash(config),
+        dataset_version=os.path.basename(dataset_dir), dataset_dir=dataset_dir, model_path=model_path,
+        seed=config.train.seed, engine=engine, libraries=library_versions(), hardware=hardware(),
+        global_step=end.global_step, loss_first=losses[0] if losses else None,
+        loss_last=losses[-1] if losses else None, trained_tokens=end.trained_tokens,
+        train_runtime_s=end.train_runtime,
+        tokens_per_s=round(end.trained_tokens / end.train_runtime, 1) if end.train_runtime else None,
+        peak_mem_gib=end.peak_mem_gib, peak_mem_gib_per_rank=end.peak_mem_gib_per_rank,
+        **{k: getattr(end, k) for k in Batching.model_fields},
+        tokenized=tokenized, adapter_dir=end.adapter_dir,
+    )
 
 
 @task(cache_policy=NO_CACHE)
-def record_run(run_dir: Path, config: RunConfig, dataset_dir: str, model_path: str, engine: str, tokenized: dict,
-               end: dict) -> dict:
+def record_run(run_id: str, config: RunConfig, dataset_version: str, model_path: str, engine: str,
+               tokenized: Tokenized, end: EndEvent) -> RunManifest:
     """Write the reproducibility manifest and the loss curve; publish the curve as an artifact."""
-    events = read_events(run_dir)
-    losses = [e["loss"] for e in events if e["event"] == "log"]
-    png = loss_curve_png(events)
-    (run_dir / "loss.png").write_bytes(png)
+    workspace = Workspace.from_env()
+    run = workspace.runs.dir(run_id)
+    png = loss_curve_png(run.events())
+    run.loss_png.write_bytes(png)
     create_markdown_artifact(
         key="loss-curve",
-        markdown=f"# Loss curve: `{run_dir.name}`\n\n![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})\n",
-        description=f"Training loss of {run_dir.name}",
+        markdown=f"# Loss curve: `{run_id}`\n\n![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})\n",
+        description=f"Training loss of {run_id}",
     )
-    manifest = {
-        "run_id": run_dir.name,
-        "config": config.model_dump(mode="json"),
-        "config_hash": config_hash(config),
-        "dataset_version": Path(dataset_dir).name,
-        "dataset_dir": dataset_dir,
-        "model_path": model_path,
-        "seed": config.train.seed,
-        "engine": engine,
-        "libraries": library_versions(),
-        "hardware": hardware(),
-        "global_step": end["global_step"],
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "trained_tokens": end["trained_tokens"],
-        "train_runtime_s": end["train_runtime"],
-        "tokens_per_s": round(end["trained_tokens"] / end["train_runtime"], 1) if end["train_runtime"] else None,
-        "peak_mem_gib": end["peak_mem_gib"],
-        "peak_mem_gib_per_rank": end.get("peak_mem_gib_per_rank"),
-        **batch_fields(end),
-        "tokenized": {k: {kk: vv for kk, vv in v.items() if kk != "example_markdown"} if isinstance(v, dict) else v
-                      for k, v in tokenized.items()},
-        "adapter_dir": end["adapter_dir"],
-    }
-    write_json_atomic(run_dir / "manifest.json", manifest)
+    dataset_dir = str(workspace.datasets.find(dataset_version).root)
+    manifest = run_manifest(run, config, dataset_dir, model_path, engine, tokenized, end)
+    manifest.write(run.manifest_path)
     return manifest
+
+
+def summarise_run(run_id: str) -> RunSummary:
+    """What a finished run reports (from its manifest), wherever it trained."""
+    run = Workspace.from_env().runs.finished(run_id)
+    manifest = run.manifest()
+    return RunSummary(run_id=run.run_id, run_dir=str(run.root), **{k: getattr(manifest, k) for k in RunFigures.model_fields},
+                      truncation_rate=manifest.tokenized.train.truncation_rate,
+                      trainable_share=manifest.tokenized.train.trainable_share)
+
+
+def finished_summary(run_id: str) -> RunSummary | None:
+    """The summary of a run that has already finished (a run that finished is never trained again)."""
+    return summarise_run(run_id) if Workspace.from_env().runs.dir(run_id).finished else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training on the stack's gpu pool
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_DEPLOYMENT = "train_adapter/train"
+TRAIN_ATTEMPTS = 3  # a training flow run that crashes (its process killed) is started again this often
+
+
+def train_deployment_available() -> bool:
+    """True when a Prefect server is configured (environment or profile) and it has the train deployment."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return False
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(TRAIN_DEPLOYMENT)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+def start_again(crashed: bool, attempt: int) -> bool:
+    """A training flow run that crashed (its process killed, out of memory, its host lost) is started again
+    with the same run id, which resumes from the last checkpoint, up to TRAIN_ATTEMPTS times in all."""
+    return crashed and attempt < TRAIN_ATTEMPTS
+
+
+def train_on_gpu_pool(config: RunConfig, dataset_version: str, run_id: str) -> RunSummary:
+    """Run the train deployment on the gpu pool as a subflow of the caller, starting it again after a crash."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    for attempt in range(1, TRAIN_ATTEMPTS + 1):
+        logger.info("training run %s on the gpu pool (deployment %s, attempt %s of %s)", run_id, TRAIN_DEPLOYMENT,
+                    attempt, TRAIN_ATTEMPTS)
+        flow_run = run_deployment(
+            TRAIN_DEPLOYMENT,
+            parameters={"config": config.model_dump(mode="json"), "dataset_version": dataset_version, "run_id": run_id},
+            as_subflow=True,
+            timeout=None,
+        )
+        state = flow_run.state
+        if state is not None and state.is_completed():
+            return summarise_run(run_id)
+        ended = state.name if state else "unknown"
+        if not start_again(state is not None and state.is_crashed(), attempt):
+            break
+        logger.warning("training flow run %s ended %s (%s): starting it again, it resumes from the last "
+                       "checkpoint in %s", flow_run.name, ended, state.message, run_id)
+    run_dir = Workspace.from_env().runs.dir(run_id).root
+    raise SftflowError(f"training flow run {flow_run.name} ({flow_run.id}) ended {ended} (attempt {attempt} of "
+                       f"{TRAIN_ATTEMPTS}): see its logs in the dashboard; the run directory is {run_dir}; "
+                       "running the pipeline again resumes from its last checkpoint")

@@ -201,11 +201,6 @@ def split_rows(rows: pa.Table, failing: dict[int, list[str]], contract: Contract
     return accepted, quarantined
 
 
-def split_batch(rows: pa.Table, validator: ContractValidator, max_chars: int) -> tuple[pa.Table, pa.Table]:
-    """Validate one table of staged rows and split it (accepted, quarantined)."""
-    return split_rows(rows, validator.failing_rows(row_features(rows), max_chars), validator.contract)
-
-
 # A GX validation run costs ~0.25 s whatever its size, but its working memory grows with its rows
 # (~350 bytes a row): validate the features of several batches per run, up to this many rows.
 GX_RUN_ROWS = 200_000

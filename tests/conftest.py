@@ -48,6 +48,19 @@ def workspace(tmp_path, monkeypatch):
     return Workspace(home).ensure()
 
 
+def verify_version(version_dir: Path) -> list[str]:
+    """Files of a registry version whose content does not match its manifest (missing, changed or
+    unlisted); [] when it is intact."""
+    from foundation.stores.registry import VersionDir
+    from tasks.publish import file_manifest
+
+    version = VersionDir(version_dir)
+    listed = version.manifest().files
+    actual = file_manifest(version_dir)
+    actual.pop("manifest.json", None)
+    return sorted(p for p in set(listed) | set(actual) if listed.get(p) != actual.get(p))
+
+
 def shared_dataset(name: str) -> Path:
     path = SHARED_DATASETS / name
     if not path.exists():

@@ -32,14 +32,14 @@ class DropStore:
     def dir_of(self, drop_id: str) -> Path:
         return self.root / drop_id
 
+    def report_path(self, drop_id: str) -> Path:
+        return self.dir_of(drop_id) / REPORT
+
     def quarantine_path(self, drop_id: str) -> Path:
         return self.dir_of(drop_id) / QUARANTINE
 
-    def duplicates_path(self, drop_id: str) -> Path:
-        return self.dir_of(drop_id) / DUPLICATES
-
     def report(self, drop_id: str) -> DropReport | None:
-        path = self.dir_of(drop_id) / REPORT
+        path = self.report_path(drop_id)
         return DropReport.read(path) if path.exists() else None
 
     @contextlib.contextmanager

@@ -21,6 +21,7 @@ from foundation.atomic import exclusive_lock, remove_stale_tmp, staged_dir, writ
 from foundation.errors import NotFoundError, WorkspaceError
 
 VERSION_PATTERN = re.compile(r"v\d{4,}")
+MANIFEST = "manifest.json"  # a version's manifest, written last (here and in a remote copy)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -39,7 +40,7 @@ class VersionDir:
     export_path = property(lambda self: self.root / "export.json")
     run_manifest_path = property(lambda self: self.root / "run_manifest.json")
     model_card = property(lambda self: self.root / "README.md")
-    manifest_path = property(lambda self: self.root / "manifest.json")
+    manifest_path = property(lambda self: self.root / MANIFEST)
 
     def manifest(self) -> VersionManifest:
         return VersionManifest.read(self.manifest_path)
@@ -81,7 +82,7 @@ class RegistryStore:
         if not NAME_PATTERN.fullmatch(name) or not model.is_dir():
             return []
         found = [VersionDir(p) for p in model.iterdir()
-                 if VERSION_PATTERN.fullmatch(p.name) and (p / "manifest.json").exists()]
+                 if VERSION_PATTERN.fullmatch(p.name) and (p / MANIFEST).exists()]
         return sorted(found, key=lambda v: version_number(v.version))
 
     def version(self, name: str, version: str) -> VersionDir:

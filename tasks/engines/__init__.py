@@ -14,7 +14,6 @@ from typing import Any, Protocol
 from schemas.config import RunConfig
 from foundation.errors import ConfigError
 
-ENGINES = {"hf": "tasks.engines.hf", "unsloth": "tasks.engines.unsloth"}
 
 
 class Engine(Protocol):
@@ -84,4 +83,5 @@ def pick_engine(requested: str, ranks: int = 1) -> str:
 
 
 def load_engine(name: str) -> Engine:
-    return importlib.import_module(ENGINES[name]).ENGINE
+    """The engine named `name` (one of schemas.config.Engine): the module `tasks.engines.<name>`'s ENGINE."""
+    return importlib.import_module(f"{__name__}.{name}").ENGINE

@@ -82,7 +82,7 @@ class HFEngine:
     def load(self, model_path: str, config: RunConfig) -> tuple[Any, Any]:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        from tasks.tokenize import load_tokenizer
+        from tasks.engines.tokenizer import load_tokenizer
 
         model, four_bit = self._base(model_path, config, training=True)
         if four_bit:
@@ -95,7 +95,7 @@ class HFEngine:
     def load_for_inference(self, model_path: str, adapter_dir: str | None, config: RunConfig) -> tuple[Any, Any]:
         from peft import PeftModel
 
-        from tasks.tokenize import load_tokenizer
+        from tasks.engines.tokenizer import load_tokenizer
 
         model, _ = self._base(model_path, config)
         if adapter_dir:

@@ -19,7 +19,7 @@ class UnslothEngine:
         from unsloth import FastLanguageModel
 
         from tasks.engines.hf import torch_dtype
-        from tasks.tokenize import load_tokenizer
+        from tasks.engines.tokenizer import load_tokenizer
 
         model, _ = FastLanguageModel.from_pretrained(
             model_name=model_path,
@@ -50,7 +50,7 @@ class UnslothEngine:
     def load_for_inference(self, model_path: str, adapter_dir: str | None, config: RunConfig) -> tuple[Any, Any]:
         from unsloth import FastLanguageModel
 
-        from tasks.tokenize import load_tokenizer
+        from tasks.engines.tokenizer import load_tokenizer
 
         model, _ = FastLanguageModel.from_pretrained(
             model_name=adapter_dir or model_path,  # an adapter directory names its base model

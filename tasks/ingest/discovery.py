@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -97,3 +98,20 @@ def fingerprint_files(files: list[str]) -> str:
                 digest.update(chunk)
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DropSource:
+    """A drop as found: its id, its data files (sorted) and the fingerprint of their content."""
+
+    drop_id: str
+    files: list[str]
+    fingerprint: str
+
+
+def find_drop(paths: list[str], drop_id: str | None = None) -> DropSource:
+    """The drop the paths name: its files, their fingerprint, and its id (given, or the first path's name
+    and a content hash), checked to be safe as a directory name."""
+    files = list_drop_files(paths)
+    fingerprint = fingerprint_files(files)
+    return DropSource(check_drop_id(drop_id or default_drop_id(paths, fingerprint)), files, fingerprint)

@@ -20,13 +20,13 @@ def train_until_checkpoint(config, run_dir, step: int, timeout: float = 300):
     import time
 
     from flows.train import train_adapter
-    from tasks.train import read_events
+    from foundation.stores.runs import RunDir
 
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(train_adapter(config=config, run_id=run_dir.name)))
     runner.start()
     deadline = time.monotonic() + timeout
-    while not any(e["event"] == "checkpoint" and e["step"] >= step for e in read_events(run_dir)):
+    while not any(e.event == "checkpoint" and e.step >= step for e in RunDir(run_dir).events()):
         if time.monotonic() > deadline:
             pytest.fail(f"no checkpoint at step {step} or later within {timeout:.0f} s")
         time.sleep(0.05)

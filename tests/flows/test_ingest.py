@@ -15,16 +15,17 @@ import pytest
 from flows.ingest import ingest_drop
 from schemas.config import IngestConfig
 from foundation.errors import DatasetError, DropError, DropRejectedError
-from tasks.format import current_version, eval_mask
+from tasks.format import eval_mask
 from tests.conftest import ROOT, SAMPLE_DROPS, shared_dataset
 
 
 def reconciles(report: dict) -> bool:
-    return report["rows_in"] == report["accepted"] + report["duplicates"] + report["quarantined"] + report["held_back"]
+    counts = report if isinstance(report, dict) else report.model_dump()  # the CLI's JSON, or a DropReport
+    return counts["rows_in"] == counts["accepted"] + counts["duplicates"] + counts["quarantined"] + counts["held_back"]
 
 
 def dataset_table(workspace, split: str) -> pa.Table:
-    return pq.read_table(current_version(workspace).path(split))
+    return pq.read_table(workspace.datasets.current().path(split))
 
 
 def write_jsonl(path, rows) -> str:
@@ -50,22 +51,22 @@ def test_sample_drops_ingest_reconcile_and_chain(workspace):
     reports = []
     for name, expected in EXPECTED_SAMPLES.items():
         report = ingest_drop(paths=[str(SAMPLE_DROPS / name)], drop_id=f"sample-{name}")
-        assert (report["rows_in"], report["accepted"], report["duplicates"], report["quarantined"]) == expected
-        assert reconciles(report) and report["status"] == "ingested" and report["dataset_changed"]
+        assert (report.rows_in, report.accepted, report.duplicates, report.quarantined) == expected
+        assert reconciles(report) and report.status == "ingested" and report.dataset_changed
         on_disk = json.loads((workspace.drops_dir / f"sample-{name}" / "report.json").read_text())
-        assert on_disk["rows_in"] == report["rows_in"] and on_disk["reasons"] == report["reasons"]
-        quarantine = pq.read_table(report["quarantine_path"])
-        assert quarantine.num_rows == report["quarantined"]
+        assert on_disk["rows_in"] == report.rows_in and on_disk["reasons"] == report.reasons
+        quarantine = pq.read_table(report.quarantine_path)
+        assert quarantine.num_rows == report.quarantined
         assert all(r["reasons"] and r["details"] for r in quarantine.to_pylist())
         reports.append(report)
 
     # each version's parent is the previous one, and the last holds every accepted row once
-    manifests = [json.loads((workspace.datasets_dir / r["dataset_version"] / "manifest.json").read_text()) for r in reports]
-    assert [m["parent"] for m in manifests] == [None] + [r["dataset_version"] for r in reports[:-1]]
+    manifests = [json.loads((workspace.datasets_dir / r.dataset_version / "manifest.json").read_text()) for r in reports]
+    assert [m["parent"] for m in manifests] == [None] + [r.dataset_version for r in reports[:-1]]
     assert [d["drop_id"] for d in manifests[-1]["drops"]] == [f"sample-{n}" for n in EXPECTED_SAMPLES]
     train, evaluation = dataset_table(workspace, "train"), dataset_table(workspace, "eval")
     all_ids = train.column("id").to_pylist() + evaluation.column("id").to_pylist()
-    assert len(all_ids) == len(set(all_ids)) == sum(r["accepted"] for r in reports)
+    assert len(all_ids) == len(set(all_ids)) == sum(r.accepted for r in reports)
     assert eval_mask(evaluation.column("id"), 0.1).all() and not eval_mask(train.column("id"), 0.1).any()
     assert manifests[-1]["rows"] == {"train": train.num_rows, "eval": evaluation.num_rows}
 
@@ -75,8 +76,8 @@ def test_reingesting_the_same_drop_is_a_no_op(workspace):
     first = ingest_drop(paths=[path])
     before = sorted(p.name for p in workspace.datasets_dir.iterdir())
     second = ingest_drop(paths=[path])
-    assert second["noop"] and second["drop_id"] == first["drop_id"]
-    assert second["dataset_version"] == first["dataset_version"] and not second["dataset_changed"]
+    assert second.noop and second.drop_id == first.drop_id
+    assert second.dataset_version == first.dataset_version and not second.dataset_changed
     assert sorted(p.name for p in workspace.datasets_dir.iterdir()) == before
 
 
@@ -91,10 +92,10 @@ def test_overlapping_drop_counts_dataset_duplicates_and_keeps_splits(workspace):
     first = ingest_drop(paths=[write_jsonl(workspace.root / "a" / "rows.jsonl", [qa(i) for i in range(200)])])
     eval_before = set(dataset_table(workspace, "eval").column("id").to_pylist())
     second = ingest_drop(paths=[write_jsonl(workspace.root / "b" / "rows.jsonl", [qa(i) for i in range(150, 300)])])
-    assert (second["accepted"], second["duplicates"]) == (100, 50)
-    assert second["dataset_rows"]["train"] + second["dataset_rows"]["eval"] == 300
-    duplicates = pq.read_table(workspace.drops_dir / second["drop_id"] / "duplicates.parquet").to_pylist()
-    assert {d["duplicate_of"] for d in duplicates} == {f"dataset:{first['dataset_version']}"}
+    assert (second.accepted, second.duplicates) == (100, 50)
+    assert second.dataset_rows.train + second.dataset_rows.eval == 300
+    duplicates = pq.read_table(workspace.drops_dir / second.drop_id / "duplicates.parquet").to_pylist()
+    assert {d["duplicate_of"] for d in duplicates} == {f"dataset:{first.dataset_version}"}
     # no leakage across retrains: every eval row stays in eval
     assert eval_before <= set(dataset_table(workspace, "eval").column("id").to_pylist())
 
@@ -103,9 +104,9 @@ def test_drop_of_only_known_rows_writes_no_version(workspace):
     rows = [qa(i) for i in range(20)]
     first = ingest_drop(paths=[write_jsonl(workspace.root / "a" / "rows.jsonl", rows)], drop_id="monday")
     again = ingest_drop(paths=[write_jsonl(workspace.root / "b" / "rows.jsonl", rows)], drop_id="tuesday")
-    assert again["status"] == "ingested" and not again["dataset_changed"]
-    assert (again["accepted"], again["duplicates"]) == (0, 20)
-    assert again["dataset_version"] == first["dataset_version"]
+    assert again.status == "ingested" and not again.dataset_changed
+    assert (again.accepted, again.duplicates) == (0, 20)
+    assert again.dataset_version == first.dataset_version
 
 
 def test_reject_rate_over_the_limit_fails_the_whole_drop(workspace):
@@ -115,13 +116,13 @@ def test_reject_rate_over_the_limit_fails_the_whole_drop(workspace):
     with pytest.raises(DropRejectedError, match=r"4 of 10 rows \(40.0%\).*over the limit of 20%") as info:
         ingest_drop(paths=[path], drop_id="too-bad")
     report = info.value.report
-    assert report["status"] == "rejected" and report["held_back"] == 6 and reconciles(report)
-    assert report["reasons"] == {"missing_field:completion": 4}
-    assert current_version(workspace) is None  # no dataset version
+    assert report.status == "rejected" and report.held_back == 6 and reconciles(report)
+    assert report.reasons == {"missing_field:completion": 4}
+    assert workspace.datasets.current() is None  # no dataset version
     assert json.loads((workspace.drops_dir / "too-bad" / "report.json").read_text())["status"] == "rejected"
     # the same drop passes with a looser limit
     passed = ingest_drop(paths=[path], drop_id="too-bad", config=IngestConfig(max_reject_rate=0.5))
-    assert passed["status"] == "ingested" and passed["accepted"] == 6
+    assert passed.status == "ingested" and passed.accepted == 6
 
 
 def test_changing_eval_ratio_on_an_existing_lineage_is_refused(workspace):
@@ -149,9 +150,9 @@ def test_bad_input_corpus_is_quarantined_not_crashed(workspace):
     with gzip.open(drop / "d.json.gz", "wt") as fh:
         json.dump([qa(3), {"prompt": "", "completion": "blank prompt"}], fh)
     report = ingest_drop(paths=[str(drop)], config=IngestConfig(max_reject_rate=1.0))
-    assert reconciles(report) and report["rows_in"] == 12
-    assert report["accepted"] == 4
-    assert report["reasons"] == {
+    assert reconciles(report) and report.rows_in == 12
+    assert report.accepted == 4
+    assert report.reasons == {
         "empty_content": 1,
         "invalid_utf8": 1,
         "malformed_csv": 1,
@@ -162,7 +163,7 @@ def test_bad_input_corpus_is_quarantined_not_crashed(workspace):
         "wrong_type:prompt": 1,
     }
     quarantine = {(r["source_file"].rsplit("/", 1)[1], r["source_row"]): r for r in
-                  pq.read_table(report["quarantine_path"]).to_pylist()}
+                  pq.read_table(report.quarantine_path).to_pylist()}
     assert quarantine[("a.jsonl", 2)]["raw"] == '{"prompt": "cut off'
     assert len(quarantine[("a.jsonl", 5)]["raw"]) > 10_000_000  # the whole raw row is kept
     assert quarantine[("b.jsonl", 1)]["reasons"] == ["invalid_utf8"]
@@ -186,9 +187,9 @@ def test_unsafe_drop_id_is_refused_before_anything_is_written(workspace):
 def test_shared_alpaca_and_glaive_files_ingest_with_zero_quarantined(workspace):
     alpaca = ingest_drop(paths=[str(shared_dataset("alpaca_en_demo.json"))], drop_id="alpaca-demo")
     glaive = ingest_drop(paths=[str(shared_dataset("glaive_toolcall_en_demo.json"))], drop_id="glaive-demo")
-    assert (alpaca["rows_in"], alpaca["quarantined"]) == (999, 0) and reconciles(alpaca)
-    assert (glaive["rows_in"], glaive["quarantined"]) == (300, 0) and reconciles(glaive)
-    assert alpaca["files"][str(shared_dataset("alpaca_en_demo.json"))]["format"] == "alpaca"
+    assert (alpaca.rows_in, alpaca.quarantined) == (999, 0) and reconciles(alpaca)
+    assert (glaive.rows_in, glaive.quarantined) == (300, 0) and reconciles(glaive)
+    assert alpaca.files[str(shared_dataset("alpaca_en_demo.json"))].format == "alpaca"
     rows = dataset_table(workspace, "train").to_pylist() + dataset_table(workspace, "eval").to_pylist()
     tool_rows = [r for r in rows if r["source_drop"] == "glaive-demo"]
     assert tool_rows and all(r["tools"] is None or json.loads(r["tools"]) is not None for r in tool_rows)

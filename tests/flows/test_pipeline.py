@@ -30,42 +30,42 @@ def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(w
     state = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK,
                          return_state=True)
     summary = state.result()
-    assert summary["status"] == "published", summary
-    assert summary["drops"][0]["accepted"] > 0 and summary["dataset_version"].startswith("ds-")
-    assert summary["training"]["global_step"] == 30
+    assert summary.status == "published", summary
+    assert summary.drops[0].accepted > 0 and summary.dataset_version.startswith("ds-")
+    assert summary.training.global_step == 30
     from schemas.config import config_hash, load_run_config
 
     digest = config_hash(load_run_config(CONFIG, QUICK))
-    assert summary["training"]["run_id"] == f"tiny-sft-{summary['dataset_version']}-{digest[:8]}"
-    assert summary["evaluation"]["decision"]["promote"]
-    assert summary["gguf"]["parity"]["f16"]["passed"]
-    assert summary["published"]["version"] == "v0001" and summary["published"]["promoted"]
+    assert summary.training.run_id == f"tiny-sft-{summary.dataset_version}-{digest[:8]}"
+    assert summary.evaluation.decision.promote
+    assert summary.gguf.parity["f16"].passed
+    assert summary.published.version == "v0001" and summary.published.promoted
     assert (workspace.registry_dir / "tiny-sft" / "CHAMPION").read_text().strip() == "v0001"
     assert _subflows(state.state_details.flow_run_id) == sorted(
         ["ingest_drop", "train_adapter", "evaluate_adapter", "export_model", "publish_model"])
     # the dashboard's summary artifact tells what the terminal prints
     from prefect.client.orchestration import get_client
 
-    from sftflow.summaries import pipeline_text
+    from tasks.report import pipeline_text
 
     with get_client(sync_client=True) as client:
         [artifact] = [a for a in client.read_artifacts() if a.key == "pipeline-summary"
                       and a.flow_run_id == state.state_details.flow_run_id]
     text = pipeline_text(summary)
     assert text in artifact.data and "published tiny-sft v0001 (champion)" in text
-    assert f"rows in {summary['drops'][0]['rows_in']} = accepted {summary['drops'][0]['accepted']}" in text
+    assert f"rows in {summary.drops[0].rows_in} = accepted {summary.drops[0].accepted}" in text
 
     # Same dataset version, same config: nothing to train, with the reason.
     again = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK)
-    assert again["status"] == "skipped" and "already trained with this config" in again["reason"]
-    assert again["drops"][0]["noop"] and "training" not in again
+    assert again.status == "skipped" and "already trained with this config" in again.reason
+    assert again.drops[0].noop and again.training is None and "training" not in again.dump()
     assert len(list(workspace.runs_dir.iterdir())) == 1
 
     # A trigger for a version that is no longer current is skipped too.
-    older = summary["dataset_version"]
-    assert ingest_drop(paths=[str(SAMPLE_DROPS / "unit-conversions")])["dataset_version"] != older
+    older = summary.dataset_version
+    assert ingest_drop(paths=[str(SAMPLE_DROPS / "unit-conversions")]).dataset_version != older
     stale = sft_pipeline(config=CONFIG, overrides=QUICK, dataset_version=older)
-    assert stale["status"] == "skipped" and "no longer current" in stale["reason"]
+    assert stale.status == "skipped" and "no longer current" in stale.reason
 
 
 def test_pipeline_without_any_dataset_says_what_to_do(workspace):
@@ -74,7 +74,7 @@ def test_pipeline_without_any_dataset_says_what_to_do(workspace):
 
 
 def test_the_pipeline_trains_in_one_run_directory_per_dataset_version_and_config(workspace):
-    from flows.pipeline import pipeline_run_id
+    from tasks.train import pipeline_run_id
     from schemas.config import config_hash, load_run_config
 
     config = load_run_config(CONFIG, QUICK)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from flows.ingest import ingest_drop
 from flows.train import train_adapter
 from schemas.config import load_run_config
-from tasks.train import read_events
+from foundation.stores.runs import RunDir
 from tests.conftest import ROOT, SAMPLE_DROPS
 from tests.flows.conftest import train_until_checkpoint
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 def dataset(workspace, tiny_model):
     for name in ("arithmetic", "unit-conversions"):
         report = ingest_drop(paths=[str(SAMPLE_DROPS / name)], drop_id=f"sample-{name}")
-    return report["dataset_version"]
+    return report.dataset_version
 
 
 def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
@@ -38,17 +38,17 @@ def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
 
     config = load_run_config(CONFIG, ["train.max_steps=40", "train.save_steps=20", "train.logging_steps=2"])
     summary = train_adapter(config=config)
-    assert summary["engine"] == "hf" and summary["dataset_version"] == dataset and summary["global_step"] == 40
-    assert summary["loss_last"] < 0.8 * summary["loss_first"]
-    assert summary["trained_tokens"] > 0 and summary["tokens_per_s"] > 0
+    assert summary.engine == "hf" and summary.dataset_version == dataset and summary.global_step == 40
+    assert summary.loss_last < 0.8 * summary.loss_first
+    assert summary.trained_tokens > 0 and summary.tokens_per_s > 0
 
-    adapter = load_file(os.path.join(summary["adapter_dir"], "adapter_model.safetensors"))
+    adapter = load_file(os.path.join(summary.adapter_dir, "adapter_model.safetensors"))
     lora_b = [w for name, w in adapter.items() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(w) > 0 for w in lora_b)  # lora_B starts at zero
 
-    run_dir = workspace.runs_dir / summary["run_id"]
+    run_dir = workspace.runs_dir / summary.run_id
     base = AutoModelForCausalLM.from_pretrained(json.loads((run_dir / "worker_spec.json").read_text())["model_path"])
-    tuned = PeftModel.from_pretrained(base, summary["adapter_dir"])
+    tuned = PeftModel.from_pretrained(base, summary.adapter_dir)
     ids = torch.tensor([[1, 4, 5, 6]])
     with torch.no_grad():
         with tuned.disable_adapter():
@@ -58,11 +58,11 @@ def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
 
     from transformers import AutoTokenizer
 
-    saved = AutoTokenizer.from_pretrained(summary["adapter_dir"])
+    saved = AutoTokenizer.from_pretrained(summary.adapter_dir)
     assert "<|start_header_id|>" in saved.chat_template
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["config_hash"] == summary["config_hash"] and manifest["dataset_version"] == dataset
+    assert manifest["config_hash"] == summary.config_hash and manifest["dataset_version"] == dataset
     assert manifest["seed"] == 42 and manifest["libraries"]["trl"] == "1.15.0"
     assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert any((run_dir / "tensorboard").rglob("events.out.tfevents*"))
@@ -75,9 +75,9 @@ def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, dataset):
     os.kill(int((run_dir / "worker.pid").read_text()), signal.SIGKILL)
     runner.join(600)
 
-    assert result["global_step"] == 36
-    begins = [e for e in read_events(run_dir) if e["event"] == "begin"]
-    assert len(begins) == 2 and begins[1]["resumed_from_step"] >= 12
+    assert result.global_step == 36
+    begins = [e for e in RunDir(run_dir).events() if e.event == "begin"]
+    assert len(begins) == 2 and begins[1].resumed_from_step >= 12
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert not list(run_dir.glob(".tmp-*"))
 
@@ -95,7 +95,7 @@ def test_cli_train_json(workspace, dataset, tmp_path):
     summary = json.loads(done.stdout)
     assert set(summary) >= {"run_id", "adapter_dir", "engine", "loss_first", "loss_last", "trained_tokens",
                             "tokens_per_s", "peak_mem_gib", "dataset_version", "config_hash"}
-    assert summary["dataset_version"] == dataset and summary["global_step"] == 6
+    assert summary.dataset_version == dataset and summary.global_step == 6
 
 
 def test_cli_config_errors_name_every_field(tmp_path):
@@ -118,15 +118,15 @@ def test_evaluation_scores_base_and_candidate_and_decides(workspace, dataset):
 
     config = load_run_config(CONFIG, ["train.epochs=6", "eval.sample_size=16", "eval.max_new_tokens=24"])
     run = train_adapter(config=config)
-    result = evaluate_adapter(run_id=run["run_id"])
-    base, candidate = result["scores"]["base"], result["scores"]["candidate"]
+    result = evaluate_adapter(run_id=run.run_id)
+    base, candidate = result.scores["base"], result.scores["candidate"]
     assert candidate["eval_loss"] < 0.6 * base["eval_loss"]  # clearly better on the held-out split
     assert candidate["chrf"] > base["chrf"]
-    assert result["sample_size"] == 16 and "champion" not in result["scores"]
-    assert result["decision"]["primary_metric"] == "eval_loss" and result["decision"]["promote"]
-    assert "beats the base" in result["decision"]["reason"]
-    saved = json.loads((workspace.runs_dir / run["run_id"] / "eval.json").read_text())
-    assert saved["scores"] == result["scores"] and len(saved["answers"]["candidate"]) == 16
+    assert result.sample_size == 16 and "champion" not in result.scores
+    assert result.decision.primary_metric == "eval_loss" and result.decision.promote
+    assert "beats the base" in result.decision.reason
+    saved = json.loads((workspace.runs_dir / run.run_id / "eval.json").read_text())
+    assert saved["scores"] == result.scores and len(saved["answers"]["candidate"]) == 16
 
     async def artifacts():
         async with get_client() as client:
@@ -140,14 +140,14 @@ def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promot
     from flows.evaluate import evaluate_adapter
     from flows.publish import publish_model
     from tasks import publish as publish_task
-    from tasks.publish import champion_of, verify_version
+    from tests.conftest import verify_version
 
     config = load_run_config(CONFIG, ["train.max_steps=30", "eval.sample_size=8", "eval.max_new_tokens=16",
                                       "eval.primary_metric=eval_loss", "eval.min_improvement=0.5"])
     first = train_adapter(config=config)
-    assert evaluate_adapter(run_id=first["run_id"])["decision"]["promote"]
-    v1 = publish_model(run_id=first["run_id"])
-    assert v1["promoted"] and v1["champion"] == v1["version"] == "v0001"
+    assert evaluate_adapter(run_id=first.run_id).decision.promote
+    v1 = publish_model(run_id=first.run_id)
+    assert v1.promoted and v1.champion == v1.version == "v0001"
     root = workspace.registry_dir / config.name
     assert verify_version(root / "v0001") == []
     card = (root / "v0001" / "README.md").read_text()
@@ -155,8 +155,8 @@ def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promot
 
     # a run no better than the champion is not promoted
     second = train_adapter(config=config)  # same config and data: no margin over the champion
-    decision = evaluate_adapter(run_id=second["run_id"])["decision"]
-    assert not decision["promote"] and "champion" in decision["reason"]
+    decision = evaluate_adapter(run_id=second.run_id).decision
+    assert not decision.promote and "champion" in decision.reason
 
     # a publish that fails halfway leaves no visible version and the old champion
     def broken_card(*args, **kwargs):
@@ -165,16 +165,16 @@ def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promot
     with monkeypatch.context() as patch:
         patch.setattr(publish_task, "model_card", broken_card)
         with pytest.raises(Exception, match="disk full"):
-            publish_model(run_id=second["run_id"])
+            publish_model(run_id=second.run_id)
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["CHAMPION", "v0001"]
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
 
     # published for the record, but the champion stays
-    v2 = publish_model(run_id=second["run_id"])
-    assert (v2["version"], v2["promoted"], v2["champion"]) == ("v0002", False, "v0001")
-    assert champion_of(workspace, config.name)["version"] == "v0001"
+    v2 = publish_model(run_id=second.run_id)
+    assert (v2.version, v2.promoted, v2.champion) == ("v0002", False, "v0001")
+    assert workspace.registry.champion(config.name) == "v0001"
     with pytest.raises(Exception, match="already published"):
-        publish_model(run_id=second["run_id"])
+        publish_model(run_id=second.run_id)
 
     # tampering is detected
     (root / "v0002" / "eval.json").write_text("{}")
@@ -187,7 +187,7 @@ def test_bad_input_in_the_worker_fails_once_with_its_message(workspace, dataset)
     config = load_run_config(CONFIG, ["model.load_in_4bit=true", "model.dtype=bfloat16", "train.max_steps=2"])
     with pytest.raises(TrainingError, match="load_in_4bit needs CUDA"):
         train_adapter(config=config, run_id="no-gpu")
-    begins = [e for e in read_events(workspace.runs_dir / "no-gpu") if e["event"] == "error"]
+    begins = [e for e in RunDir(workspace.runs_dir / "no-gpu").events() if e.event == "error"]
     assert len(begins) == 1  # not retried
 
 
@@ -197,32 +197,32 @@ def test_export_gguf_parity_control_and_publish_with_gguf(workspace, dataset):
     from flows.evaluate import evaluate_adapter
     from flows.export import export_model
     from flows.publish import publish_model
-    from tasks.export import check_thresholds
-    from tasks.publish import verify_version
+    from tasks.export.parity import check_thresholds
+    from tests.conftest import verify_version
 
     config = load_run_config(CONFIG, ["train.max_steps=40", "eval.sample_size=8", "eval.max_new_tokens=16",
                                       "export.parity_prompts=4", "export.greedy_tokens=8"])
     run = train_adapter(config=config)
-    result = export_model(run_id=run["run_id"])
-    parity = result["parity"]
-    assert result["passed"] and set(result["files"]) == {"f16", "q8_0", "q4_k_m", "lora"}
+    result = export_model(run_id=run.run_id)
+    parity = result.parity
+    assert result.passed and set(result.files) == {"f16", "q8_0", "q4_k_m", "lora"}
     for kind in ("f16", "q8_0", "q4_k_m", "lora"):
-        assert parity[kind]["passed"] and parity[kind]["token_ids_equal"] == 1.0
+        assert parity[kind].passed and parity[kind].token_ids_equal == 1.0
         assert not check_thresholds(parity[kind], config.export.thresholds[kind])
-    assert parity["f16"]["kl"] < 1e-3 and parity["f16"]["greedy_match"] >= 0.9
+    assert parity["f16"].kl < 1e-3 and parity["f16"].greedy_match >= 0.9
     # the control (base without the adapter) is clearly worse than every export
-    assert parity["control_base_f16"]["kl"] > 100 * parity["q4_k_m"]["kl"]
+    assert parity["control_base_f16"].kl > 100 * parity["q4_k_m"].kl
     assert check_thresholds(parity["control_base_f16"], config.export.thresholds["f16"])
     # each file loads in its real consumer and generates
-    llm = llama_cpp.Llama(result["files"]["q4_k_m"], n_ctx=256, verbose=False)
+    llm = llama_cpp.Llama(result.files["q4_k_m"], n_ctx=256, verbose=False)
     assert llm.create_completion("What is 2 + 2?", max_tokens=4, temperature=0)["choices"][0]["text"] is not None
     llm.close()
-    modelfile = (workspace.runs_dir / run["run_id"] / "Modelfile").read_text()
+    modelfile = (workspace.runs_dir / run.run_id / "Modelfile").read_text()
     assert "FROM ./gguf/tiny-sft-q4_k_m.gguf" in modelfile and 'PARAMETER stop "<|eot_id|>"' in modelfile
 
-    evaluate_adapter(run_id=run["run_id"])
-    published = publish_model(run_id=run["run_id"])
-    version = workspace.registry_dir / config.name / published["version"]
+    evaluate_adapter(run_id=run.run_id)
+    published = publish_model(run_id=run.run_id)
+    version = workspace.registry_dir / config.name / published.version
     assert (version / "gguf" / "tiny-sft-q8_0.gguf").exists() and (version / "Modelfile").exists()
     assert verify_version(version) == []
     assert "tiny-sft-q4_k_m.gguf" in (version / "README.md").read_text()
@@ -264,7 +264,7 @@ def test_export_gguf_parity_control_and_publish_with_gguf(workspace, dataset):
 
 
 def test_a_checkpoint_written_only_in_part_is_not_resumed_from(tmp_path):
-    from tasks.engines.worker import last_complete_checkpoint
+    from tasks.processes.trainer import last_complete_checkpoint
 
     checkpoints = tmp_path / "checkpoints"
     for step, state in [(10, '{"global_step": 10}'), (20, '{"global_step": 20}'), (30, '{"global_st'), (40, None)]:

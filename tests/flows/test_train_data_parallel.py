@@ -20,7 +20,8 @@ from flows.train import train_adapter
 from schemas.config import load_run_config
 from foundation.errors import ConfigError
 from tasks.preflight import ResourceError
-from tasks.train import read_events, training_ranks, worker_command
+from foundation.stores.runs import RunDir
+from tasks.train import training_ranks, worker_command
 from tests.conftest import ROOT, SAMPLE_DROPS
 from tests.flows.conftest import train_until_checkpoint
 
@@ -42,9 +43,9 @@ def test_more_gpus_than_visible_is_refused_with_the_fix(monkeypatch):
 
 def test_several_ranks_run_under_torchrun(tmp_path):
     spec = tmp_path / "worker_spec.json"
-    assert worker_command(spec, 1)[1:] == ["-m", "tasks.engines.worker", str(spec)]
+    assert worker_command(spec, 1)[1:] == ["-m", "tasks.processes.trainer", str(spec)]
     assert worker_command(spec, 2)[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                           "-m", "tasks.engines.worker", str(spec)]
+                                           "-m", "tasks.processes.trainer", str(spec)]
 
 
 def test_an_engine_that_cannot_run_ranks_is_refused_or_replaced(monkeypatch):
@@ -70,11 +71,11 @@ def test_an_engine_that_cannot_run_ranks_is_refused_or_replaced(monkeypatch):
 @pytest.fixture
 def dataset(workspace, tiny_model):
     report = ingest_drop(paths=[str(SAMPLE_DROPS / "arithmetic")], drop_id="sample-arithmetic")
-    return report["dataset_version"]
+    return report.dataset_version
 
 
-def _steps(events: list[dict]) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in events if e["event"] == "log"}
+def _steps(events: list) -> dict[int, float]:
+    return {e.step: e.loss for e in events if e.event == "log"}
 
 
 @pytest.mark.slow
@@ -88,24 +89,24 @@ def test_two_ranks_train_what_one_rank_trains_with_the_same_global_batch(workspa
     two = train_adapter(config=load_run_config(CONFIG, overrides), run_id="two-ranks")
 
     # the global batch is reported, and the same for both: 1 x 4 x 2 and 2 x 4 x 1
-    assert (one["world_size"], one["gradient_accumulation_steps"], one["global_batch_size"]) == (1, 2, 8)
-    assert (two["world_size"], two["gradient_accumulation_steps"], two["global_batch_size"]) == (2, 1, 8)
+    assert (one.world_size, one.gradient_accumulation_steps, one.global_batch_size) == (1, 2, 8)
+    assert (two.world_size, two.gradient_accumulation_steps, two.global_batch_size) == (2, 1, 8)
     run_dir = workspace.runs_dir / "two-ranks"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["global_batch_size"] == 8 and manifest["world_size"] == 2
     assert len(manifest["peak_mem_gib_per_rank"]) == 2 and all(p > 0 for p in manifest["peak_mem_gib_per_rank"])
-    events = read_events(run_dir)
-    begin = [e for e in events if e["event"] == "begin"]
-    assert len(begin) == 1 and begin[0]["world_size"] == 2 and begin[0]["global_batch_size"] == 8
+    events = RunDir(run_dir).events()
+    begin = [e for e in events if e.event == "begin"]
+    assert len(begin) == 1 and begin[0].world_size == 2 and begin[0].global_batch_size == 8
 
     # rank 0 alone reported: one begin, one end, each step logged once
-    logged = [e["step"] for e in events if e["event"] == "log"]
-    assert logged == list(range(1, 9)) and sum(e["event"] == "end" for e in events) == 1
-    assert two["global_step"] == 8 and two["loss_last"] < two["loss_first"]
+    logged = [e.step for e in events if e.event == "log"]
+    assert logged == list(range(1, 9)) and sum(e.event == "end" for e in events) == 1
+    assert two.global_step == 8 and two.loss_last < two.loss_first
 
     # the same rows in every step: tokens summed over the ranks equal one rank's, and the losses match
-    assert two["trained_tokens"] == one["trained_tokens"] > 0
-    ones, twos = _steps(read_events(workspace.runs_dir / "one-rank")), _steps(events)
+    assert two.trained_tokens == one.trained_tokens > 0
+    ones, twos = _steps(RunDir(workspace.runs_dir / "one-rank").events()), _steps(events)
     assert ones.keys() == twos.keys() and all(abs(twos[s] - ones[s]) <= 1e-4 * ones[s] for s in ones), (ones, twos)
 
     # one adapter and one set of checkpoints, written by rank 0 (each rank adds only its RNG state)
@@ -115,8 +116,8 @@ def test_two_ranks_train_what_one_rank_trains_with_the_same_global_batch(workspa
         assert (checkpoint / "adapter_model.safetensors").exists()
         assert sorted(p.name for p in checkpoint.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
     assert not list(run_dir.glob(".tmp-*"))
-    a = load_file(os.path.join(one["adapter_dir"], "adapter_model.safetensors"))
-    b = load_file(os.path.join(two["adapter_dir"], "adapter_model.safetensors"))
+    a = load_file(os.path.join(one.adapter_dir, "adapter_model.safetensors"))
+    b = load_file(os.path.join(two.adapter_dir, "adapter_model.safetensors"))
     # the same adapter: DDP's averaged gradient is the accumulated one (LoRA's initial weights are seeded)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
@@ -135,9 +136,9 @@ def test_a_killed_rank_is_resumed_on_two_ranks(workspace, dataset, monkeypatch):
     os.kill(ranks[1].pid, signal.SIGKILL)  # one rank dies (an OOM kill): torchrun stops the other, the task retries
     runner.join(600)
 
-    assert result["global_step"] == 24 and result["world_size"] == 2
-    begins = [e for e in read_events(run_dir) if e["event"] == "begin"]
-    assert len(begins) == 2 and begins[1]["resumed_from_step"] >= 8 and begins[1]["world_size"] == 2
+    assert result.global_step == 24 and result.world_size == 2
+    begins = [e for e in RunDir(run_dir).events() if e.event == "begin"]
+    assert len(begins) == 2 and begins[1].resumed_from_step >= 8 and begins[1].world_size == 2
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in [launcher, *ranks])
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert not list(run_dir.glob(".tmp-*"))

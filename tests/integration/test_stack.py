@@ -118,7 +118,7 @@ def test_a_landed_drop_runs_the_chain_to_a_new_champion_and_a_repeat_trains_noth
     assert pipeline["parameters"]["dataset_version"].startswith("ds-")
     champion = home / "registry" / "tiny-sft" / "CHAMPION"
     assert champion.read_text().strip() == "v0001"
-    from tasks.publish import verify_version
+    from tests.conftest import verify_version
 
     assert verify_version(home / "registry" / "tiny-sft" / "v0001") == []
 
@@ -178,12 +178,14 @@ def test_eight_concurrent_drops_account_for_every_row_once(stack, tmp_path):
     home, api = stack["home"], stack["api"]
     lines = (SAMPLE_DROPS / "json-extraction" / "rows.jsonl").read_text().splitlines()
     before = len(completed(api.flow_runs(), "ingest_drop"))
-    from tasks.format import DatasetVersion
+    from foundation.workspace import Workspace
 
-    def current_version():
-        return DatasetVersion(home / "datasets" / (home / "datasets" / "CURRENT").read_text().strip())
+    store = Workspace(home).datasets
 
-    rows_before = sum(current_version().manifest["rows"].values())
+    def rows_of(version) -> int:
+        return version.manifest.rows.train + version.manifest.rows.eval
+
+    rows_before = rows_of(store.current())
     staged = []
     for i in range(8):  # rows 10*i .. 10*i+29: each drop overlaps the next two
         drop = tmp_path / f"burst-{i}"
@@ -202,15 +204,14 @@ def test_eight_concurrent_drops_account_for_every_row_once(stack, tmp_path):
     # every non-blank line of every drop is a row (the sample file has a blank line, which is no row)
     assert sum(r["rows_in"] for r in reports) == sum(len([x for x in lines[10 * i: 10 * i + 30] if x.strip()])
                                                      for i in range(8))
-    current = current_version()
-    assert sum(current.manifest["rows"].values()) - rows_before == sum(r["accepted"] for r in reports)
+    current = store.current()
+    assert rows_of(current) - rows_before == sum(r["accepted"] for r in reports)
     # one clean chain of versions: each adds exactly one drop to its parent, none twice
     chain, version = [], current
     while version is not None:
         chain.append(version)
-        parent = version.manifest["parent"]
-        version = DatasetVersion(home / "datasets" / parent) if parent else None
-    drop_ids = [d["drop_id"] for d in current.manifest["drops"]]
+        version = store.parent_of(version)
+    drop_ids = [d.drop_id for d in current.manifest.drops]
     assert len(drop_ids) == len(set(drop_ids)) == len(chain)
     assert sorted(d for d in drop_ids if d.startswith("burst-")) == sorted(
         f"burst-{i}" for i, r in enumerate(reports) if r["accepted"] > 0)

@@ -106,8 +106,8 @@ def arm(roots: list[Path], kill_at: int, trace: list | None = None) -> None:
     sys.addaudithook(hook)
 
 
-PLAIN_MODULES = ("flows.ingest", "flows.publish", "tasks.ingest", "tasks.validate", "tasks.format", "tasks.report",
-                 "tasks.publish")
+PLAIN_MODULES = ("flows.ingest", "flows.publish", "tasks.ingest.stage", "tasks.validate", "tasks.format",
+                 "tasks.report", "tasks.publish")
 
 
 def _without_orchestration() -> None:
@@ -155,13 +155,13 @@ def _run_child(action, args: dict, home: Path, roots: list[Path], kill_at: int, 
 def _publish(run_id: str) -> dict:
     import flows.publish
 
-    return flows.publish.publish_model(run_id=run_id)
+    return flows.publish.publish_model(run_id=run_id).dump()
 
 
 def _ingest(paths: list[str], drop_id: str) -> dict:
     import flows.ingest
 
-    report = flows.ingest.ingest_drop(paths=paths, drop_id=drop_id)
+    report = flows.ingest.ingest_drop(paths=paths, drop_id=drop_id).model_dump(mode="json")
     return {k: report[k] for k in ("status", "noop", "rows_in", "accepted", "duplicates", "quarantined",
                                    "dataset_version", "dataset_changed", "dataset_rows", "reasons")}
 

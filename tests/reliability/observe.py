@@ -25,7 +25,7 @@ def _entries(root: Path) -> list[str]:
 
 def _remote_versions(remote: Path, name: str) -> dict:
     """Versions of an fsspec remote that a reader would take (manifest.json present): do they verify?"""
-    from tasks.publish import verify_version
+    from tests.conftest import verify_version
 
     root = remote / name
     return {v.name: verify_version(v) for v in sorted(root.glob("v*")) if (v / "manifest.json").exists()}
@@ -33,7 +33,7 @@ def _remote_versions(remote: Path, name: str) -> dict:
 
 def registry(home: Path, name: str = "tiny-sft") -> dict:
     """Visible versions (every entry not hidden), whether each verifies, and the champion pointer."""
-    from tasks.publish import verify_version
+    from tests.conftest import verify_version
 
     root = home / "registry" / name
     visible = [e for e in _entries(root) if not e.startswith(".")]

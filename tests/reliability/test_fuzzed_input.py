@@ -78,7 +78,8 @@ class StagedCases:
 
     def validate(self) -> None:
         """Run the GX contract over the pending staged rows: each is accepted or quarantined with a reason."""
-        from tasks.validate import default_validator, split_batch
+        from tasks.validate import default_validator
+        from tests.tasks.test_validate import split_batch
 
         tables = [t for _, t in self.pending if t.num_rows]
         self.pending = []
@@ -148,23 +149,23 @@ def test_generated_drops_through_the_ingest_flow_reconcile(tmp_path, monkeypatch
             report = ingest_drop(paths=[str(drop)], drop_id=drop.name)
         except DropRejectedError as exc:  # too many bad rows: a clear, whole-drop failure with its report
             report = exc.report
-            assert report["status"] == "rejected" and "--max-reject-rate" in report["error"]
+            assert report.status == "rejected" and "--max-reject-rate" in report.error
             seen["rejected"] += 1
         except DropError as exc:  # nothing readable at all
             assert "no rows found" in str(exc) and str(drop) in str(exc)
             seen["empty"] += 1
             return
-        assert report["rows_in"] == report["accepted"] + report["duplicates"] + report["quarantined"] + report["held_back"]
+        assert report.rows_in == report.accepted + report.duplicates + report.quarantined + report.held_back
         known = [f.expected_rows for f in files]
         if None not in known:
-            assert report["rows_in"] == sum(known)
-        table = pq.read_table(Path(report["quarantine_path"]))
-        assert table.num_rows == report["quarantined"]
+            assert report.rows_in == sum(known)
+        table = pq.read_table(Path(report.quarantine_path))
+        assert table.num_rows == report.quarantined
         assert all(table.column("reasons").to_pylist())
-        assert sum(report["reasons"].values()) >= report["quarantined"]
-        seen["rows_in"] += report["rows_in"]
+        assert sum(report.reasons.values()) >= report.quarantined
+        seen["rows_in"] += report.rows_in
         TALLY["flow_drops"] += 1
-        TALLY["flow_rows_in"] += report["rows_in"]
+        TALLY["flow_rows_in"] += report.rows_in
 
     case()
     assert seen["drops"] >= 10

@@ -146,7 +146,7 @@ def test_beside_safetensors_a_pickled_checkpoint_is_never_loaded(tmp_path, works
     from schemas.config import RunConfig
     from tasks.base_model import resolve_model
     from tasks.engines.hf import HFEngine
-    from tasks.export import merge_adapter
+    from tasks.export.convert import merge_adapter
 
     model = tmp_path / "model"
     shutil.copytree(mini_model, model)
@@ -207,8 +207,8 @@ def test_the_hub_token_never_appears_in_logs_artifacts_card_or_files(tmp_path, m
     state = publish_model(run_id="run-token", return_state=True)
     result = state.result()
     assert calls == [TOKEN]  # the token was really configured and used
-    assert result["hub"].startswith("failed: v0001 was not uploaded to me/tiny-sft (401 Client Error")
-    assert "<HF_TOKEN>" in result["hub"] and TOKEN not in json.dumps(result)
+    assert result.hub.startswith("failed: v0001 was not uploaded to me/tiny-sft (401 Client Error")
+    assert "<HF_TOKEN>" in result.hub and TOKEN not in json.dumps(result.dump())
 
     # no file the pipeline wrote holds it (the model card included)
     for path in home.rglob("*"):

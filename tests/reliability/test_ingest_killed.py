@@ -54,7 +54,7 @@ def test_ingest_killed_at_every_step_keeps_the_previous_version_and_reruns_to_th
     done = results["uninterrupted"]
     assert "error" not in done, done.get("traceback")
     reference, seen_done = done["result"], done["observed"]
-    old, new = first["dataset_version"], reference["dataset_version"]
+    old, new = first.dataset_version, reference["dataset_version"]
     assert reference["dataset_changed"] and new != old
     assert reference["duplicates"] >= 7 and reference["quarantined"] >= 4  # 2 repeats + 5 from the dataset
     kills = results["kills"]

@@ -25,6 +25,11 @@ NAME = "tiny-sft"
 
 def craft_run(home: Path, run_id: str, promote: bool, remote: str | None, seed: int, templated: bool) -> Path:
     """A finished, evaluated and exported run directory, as train/evaluate/export leave it."""
+    from foundation.artifacts import (
+        Decision, DatasetManifest, DropRecord, EvalReport, ExportReport, FileDigest, Parity, RunManifest, SplitRows,
+        Tokenized, TokenizedSplit,
+    )
+
     rng = random.Random(seed)
     run_dir = home / "runs" / run_id
     adapter = run_dir / "adapter"
@@ -40,27 +45,36 @@ def craft_run(home: Path, run_id: str, promote: bool, remote: str | None, seed: 
         path.write_bytes(b"GGUF" + rng.randbytes(100_000))
         files[kind] = str(path)
     (run_dir / "Modelfile").write_text(f"FROM ./gguf/{NAME}-q4_k_m.gguf\n")
-    parity = {"kl": 1e-5, "top1": 1.0, "greedy_match": 1.0, "token_ids_equal": 1.0, "passed": True}
-    (run_dir / "export.json").write_text(json.dumps({
-        "passed": True, "files": files, "bytes": {k: 100_004 for k in files}, "llama_cpp_python": "0.3.36",
-        "parity": {**{k: parity for k in files}, "control_base_f16": {"kl": 5.0, "top1": 0.1, "greedy_match": 0.0}},
-    }))
+    parity = Parity(kl=1e-5, top1=1.0, greedy_match=1.0, token_ids_equal=1.0, passed=True)
+    ExportReport(passed=True, files=files, bytes={k: 100_004 for k in files}, llama_cpp_python="0.3.36", timings={},
+                 parity={**{k: parity for k in files},
+                         "control_base_f16": Parity(kl=5.0, top1=0.1, greedy_match=0.0, token_ids_equal=1.0)},
+                 ).write(run_dir / "export.json")
     scores = {"eval_loss": 3.1, "perplexity": 22.2, "exact_match": 0.1, "rouge_l": 0.3, "chrf": 20.0,
               "json_valid": None, "stop_rate": 1.0}
-    (run_dir / "eval.json").write_text(json.dumps({
-        "scores": {"base": {**scores, "rouge_l": 0.0}, "candidate": scores},
-        "decision": {"promote": promote, "primary_metric": "rouge_l", "reason": "crafted for the kill test"},
-    }))
     dataset = home / "datasets" / "ds-0000000000000000"
+    EvalReport(run_id=run_id, dataset_version=dataset.name, scores={"base": {**scores, "rouge_l": 0.0}, "candidate": scores},
+               decision=Decision(promote=promote, primary_metric="rouge_l", margin=0.01, reason="crafted for the kill test"),
+               champion=None, sample_size=0, eval_rows=0, answers={}).write(run_dir / "eval.json")
     dataset.mkdir(parents=True, exist_ok=True)
-    (dataset / "manifest.json").write_text(json.dumps({"drops": [{"drop_id": "sample-arithmetic"}]}))
+    rows = SplitRows(train=90, eval=10)
+    DatasetManifest(version=dataset.name, content_hash="0" * 64, schema_version="canonical-row/1", parent=None,
+                    created_at="2026-12-01T00:00:00+00:00", eval_ratio=0.1, rows=rows,
+                    files={"train.parquet": FileDigest(sha256="0" * 64, bytes=0)},
+                    drops=[DropRecord(drop_id="sample-arithmetic", fingerprint="0" * 64, rows_in=100, quarantined=0,
+                                      ingested_at="2026-12-01T00:00:00+00:00", accepted=100, duplicates=0)],
+                    ).write(dataset / "manifest.json")
     config = RunConfig.model_validate({"name": NAME, "model": {"name": "tiny"}, "publish": {"remote": remote}})
-    manifest = json.dumps({
-        "run_id": run_id, "config": config.model_dump(mode="json"), "config_hash": config_hash(config),
-        "dataset_version": dataset.name, "dataset_dir": "{HOME}/datasets/" + dataset.name,
-        "model_path": "/models/tiny", "engine": "hf", "global_step": 10, "tokens_per_s": 100.0, "peak_mem_gib": 0.4,
-        "hardware": {"platform": "test"}, "adapter_dir": "{HOME}/runs/" + run_id + "/adapter",
-    })
+    split = TokenizedSplit(rows=1, trainable_tokens=1, truncated=0, truncation_rate=0.0, trainable_share=1.0,
+                           dropped_no_labels=0, pad_is_eot=False, path="tokenized")
+    manifest = RunManifest(
+        run_id=run_id, config=config.model_dump(mode="json"), config_hash=config_hash(config),
+        dataset_version=dataset.name, dataset_dir="{HOME}/datasets/" + dataset.name, model_path="/models/tiny",
+        seed=42, engine="hf", libraries={}, hardware={"platform": "test"}, global_step=10, loss_first=2.0,
+        loss_last=1.0, trained_tokens=1000, train_runtime_s=10.0, tokens_per_s=100.0, peak_mem_gib=0.4,
+        peak_mem_gib_per_rank=None, tokenized=Tokenized(train=split, eval=split, eos_ids=[2]),
+        adapter_dir="{HOME}/runs/" + run_id + "/adapter",
+    ).model_dump_json()
     # {HOME} stays for the crash loop to fill in with each workspace copy; else it is this workspace
     (run_dir / "manifest.json").write_text(manifest if templated else manifest.replace("{HOME}", str(home)))
     return run_dir
@@ -73,7 +87,7 @@ def test_publish_killed_at_every_step_leaves_whole_versions_and_a_whole_champion
     pristine = tmp_path / "pristine"
     monkeypatch.setenv("SFTFLOW_HOME", str(pristine))
     craft_run(pristine, "run-a", promote=True, remote=None, seed=1, templated=False)
-    assert publish_model(run_id="run-a")["champion"] == "v0001"  # the champion the kills must not lose
+    assert publish_model(run_id="run-a").champion == "v0001"  # the champion the kills must not lose
     run_b = craft_run(pristine, "run-b", promote=True, remote="file://{HOME}/remote", seed=2, templated=True)
 
     results = run_crash_loop({

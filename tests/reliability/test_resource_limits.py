@@ -85,14 +85,12 @@ def test_export_that_cannot_fit_on_disk_or_in_memory_is_refused(tmp_path, monkey
 
 
 def test_the_export_task_refuses_before_fetching_tools_or_writing_anything(tmp_path, monkeypatch, workspace):
-    from tasks import export
+    from tasks.export import run as export
 
     model = config_dir(tmp_path, LLAMA_1B)
-    run_dir = workspace.runs_dir / "r1"
-    run_dir.mkdir()
+    run = workspace.runs.create("r1")
     config = RunConfig.model_validate({"name": "m", "model": {"name": model}})
-    (run_dir / "manifest.json").write_text(json.dumps({"config": config.model_dump(mode="json"), "model_path": model,
-                                                       "adapter_dir": str(run_dir / "adapter")}))
+    source = export.ExportSource("m", model, str(run.adapter), tmp_path / "eval.parquet", config)
     monkeypatch.setattr(preflight, "free_disk", lambda path: GIB)
 
     def no_download(*_):
@@ -100,8 +98,8 @@ def test_the_export_task_refuses_before_fetching_tools_or_writing_anything(tmp_p
 
     monkeypatch.setattr(export, "llama_cpp_tools", no_download)
     with pytest.raises(ResourceError, match="but its disk has 1.00 GiB free"):
-        export.export_run(run_dir, workspace, ["f16"], log=lambda *_: None)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["manifest.json"]
+        export.export_run(run, source, workspace, ["f16"], log=lambda *_: None)
+    assert list(run.root.iterdir()) == []
 
 
 @pytest.mark.slow

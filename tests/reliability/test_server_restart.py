@@ -109,7 +109,7 @@ def test_a_server_restart_during_training_never_duplicates_a_registry_version(tm
     versions = sorted(p.parent.name for p in (home / "registry" / "tiny-sft").glob("v*/manifest.json"))
     assert versions == ["v0001"], (versions, outcomes)
     assert (home / "registry" / "tiny-sft" / "CHAMPION").read_text().strip() == "v0001"
-    from tasks.publish import verify_version
+    from tests.conftest import verify_version
 
     assert verify_version(home / "registry" / "tiny-sft" / "v0001") == []
     print(json.dumps({"server_restart": outcomes}))

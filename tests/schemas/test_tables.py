@@ -29,8 +29,6 @@ def test_ingest_config_forbids_unknown_keys_and_checks_ranges():
         IngestConfig(eval_ration=0.2)
     with pytest.raises(ValidationError, match="eval_ratio"):
         IngestConfig(eval_ratio=1.5)
-    with pytest.raises(ValidationError, match="format"):
-        IngestConfig(format="xml")
     assert all(field.description for field in IngestConfig.model_fields.values())
 
 

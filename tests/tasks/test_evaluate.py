@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from foundation.artifacts import Answer
 from schemas.config import EvalConfig
-from tasks.evaluate import (
-    chrf,
-    decide,
-    exact_match,
-    generate,
-    generation_metrics,
-    is_json,
-    prompt_and_reference,
-    rouge_l,
-    sample_rows,
-)
+from schemas.metrics import METRICS, answer_metrics, chrf, exact_match, is_json, rouge_l, score
+from tasks.evaluate import decide, prompt_and_reference, sample_rows
+from tasks.processes.evaluator import generate
 
 
 def test_text_metrics():
@@ -25,15 +18,33 @@ def test_text_metrics():
     assert is_json('{"a": 1}') and not is_json("{oops") and not is_json("42")
 
 
+def answers(*rows: tuple[str, str, bool]) -> list[Answer]:
+    return [Answer(prompt="p", prediction=p, reference=r, stopped=s) for p, r, s in rows]
+
+
 def test_generation_metrics_count_json_only_where_the_reference_is_json():
-    answers = [
-        {"prediction": '{"age": 3}', "reference": '{"age": 3}', "stopped": True},
-        {"prediction": "{broken", "reference": '{"age": 4}', "stopped": False},
-        {"prediction": "77", "reference": "77", "stopped": True},
-    ]
-    metrics = generation_metrics(answers)
+    metrics = answer_metrics(answers(('{"age": 3}', '{"age": 3}', True), ("{broken", '{"age": 4}', False),
+                                     ("77", "77", True)))
     assert metrics["exact_match"] == round(2 / 3, 4)
     assert metrics["json_valid"] == 0.5 and metrics["stop_rate"] == round(2 / 3, 4)
+
+
+def test_every_metric_of_the_table_is_scored_in_table_order():
+    scored = score(2.0, answers(("a b", "a b", True)))
+    assert list(scored) == [m.name for m in METRICS]
+    assert scored["eval_loss"] == 2.0 and scored["perplexity"] == round(2.718281828 ** 2, 3)
+    assert scored["exact_match"] == 1.0 and scored["json_valid"] is None  # no JSON reference to count
+    assert score(2.0, [])["rouge_l"] is None  # an empty sample scores no answer metric
+
+
+def test_a_metric_added_to_the_table_shows_in_the_scores(monkeypatch):
+    from schemas import metrics
+
+    length = metrics.Metric("answer_chars", "characters per answer", promotable=False,
+                            of_answer=lambda a: float(len(a.prediction)))
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, length))
+    monkeypatch.setattr(metrics, "NAMES", (*metrics.NAMES, "answer_chars"))
+    assert metrics.score(1.0, answers(("abcd", "x", True), ("ab", "y", True)))["answer_chars"] == 3.0
 
 
 def test_sample_is_fixed_by_seed_and_independent_of_row_order():
@@ -61,14 +72,14 @@ def test_prompt_is_everything_before_the_last_assistant_turn():
 )
 def test_decision(scores, promote, why):
     decision = decide(scores, EvalConfig(primary_metric="rouge_l", min_improvement=0.01))
-    assert decision["promote"] is promote and why in decision["reason"]
+    assert decision.promote is promote and why in decision.reason
 
 
 def test_decision_on_loss_wants_lower():
     scores = {"base": {"eval_loss": 3.0}, "candidate": {"eval_loss": 2.0}, "champion": {"eval_loss": 2.5}}
-    assert decide(scores, EvalConfig(primary_metric="eval_loss", min_improvement=0.1))["promote"]
+    assert decide(scores, EvalConfig(primary_metric="eval_loss", min_improvement=0.1)).promote
     scores["champion"]["eval_loss"] = 1.95
-    assert not decide(scores, EvalConfig(primary_metric="eval_loss", min_improvement=0.1))["promote"]
+    assert not decide(scores, EvalConfig(primary_metric="eval_loss", min_improvement=0.1)).promote
 
 
 def test_batched_greedy_generation_equals_one_by_one(tiny_model):

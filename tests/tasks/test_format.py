@@ -7,11 +7,19 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from tasks.format import content_hash, eval_mask, new_row_mask, split_of
+from tasks.format import eval_mask, hash_sorted_ids, new_row_mask, sorted_ids
 
 
 def ids(n: int, salt: str = "") -> list[str]:
     return [hashlib.sha256(f"{salt}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def content_hash(ids: pa.Array, eval_ratio: float) -> str:
+    return hash_sorted_ids(sorted_ids(ids), eval_ratio)
+
+
+def split_of(row_id: str, eval_ratio: float) -> str:
+    return "eval" if eval_mask(pa.array([row_id]), eval_ratio)[0] else "train"
 
 
 def test_split_is_a_pure_function_of_the_id_with_the_requested_ratio():

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from foundation.errors import DropError
-from tasks.landing import announce, emitted_record, is_complete, land_drop, scan_landing
+from tasks.landing import announce, is_complete, land_drop, scan_landing
 from tests.conftest import SAMPLE_DROPS
 
 
@@ -32,8 +32,8 @@ def test_a_drop_with_success_marker_is_announced_once(workspace):
     second = scan_landing(workspace, quiet_seconds=3600, send=send, log=lambda m: None)
     assert [d.drop_id for d in send.sent] == ["arith-1"]
     assert [r["drop_id"] for r in first["announced"]] == ["arith-1"] and second["announced"] == []
-    record = emitted_record(workspace, "arith-1")
-    assert record["event_id"] == str(send.sent[0].event_id) and record["files"] == 1
+    record = workspace.landing.emitted("arith-1")
+    assert record.event_id == str(send.sent[0].event_id) and record.files == 1
 
 
 def test_a_drop_without_marker_waits_for_the_quiet_period(workspace):
@@ -56,10 +56,10 @@ def test_a_failed_send_is_retried_on_the_next_scan_with_the_same_event_id(worksp
 
     with pytest.raises(ConnectionError):
         scan_landing(workspace, 0, send=broken, log=lambda m: None)
-    assert emitted_record(workspace, "arith-3") is None
+    assert workspace.landing.emitted("arith-3") is None
     send = Recorder()
     scan_landing(workspace, 0, send=send, log=lambda m: None)
-    assert len(send.sent) == 1 and emitted_record(workspace, "arith-3")["event_id"] == str(send.sent[0].event_id)
+    assert len(send.sent) == 1 and workspace.landing.emitted("arith-3").event_id == str(send.sent[0].event_id)
 
 
 def test_event_id_depends_on_drop_and_content(workspace, tmp_path):

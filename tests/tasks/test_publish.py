@@ -12,7 +12,7 @@ def version_dir(tmp_path):
     (version / "adapter").mkdir(parents=True)
     (version / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     (version / "README.md").write_text("card")
-    (version / "manifest.json").write_text(json.dumps({"files": file_manifest(version)}))
+    (version / "manifest.json").write_text(json.dumps({"files": {k: v.dump() for k, v in file_manifest(version).items()}}))
     return version
 
 

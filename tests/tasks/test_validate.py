@@ -10,7 +10,12 @@ import pytest
 from schemas.tables import STAGED_SCHEMA
 from foundation.errors import ConfigError
 from tasks.ingest.formats import normalize_record
-from tasks.validate import SUITE_PATH, default_validator, load_suite, row_features, split_batch
+from tasks.validate import SUITE_PATH, default_validator, load_suite, row_features, split_rows
+
+
+def split_batch(rows, validator, max_chars: int):
+    """Validate one table of staged rows and split it (accepted, quarantined), as validate_rows does."""
+    return split_rows(rows, validator.failing_rows(row_features(rows), max_chars), validator.contract)
 
 
 def staged(conversations: list[list[tuple[str, str]]]) -> pa.Table:

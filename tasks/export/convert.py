@@ -1,0 +1,56 @@
+"""Merge the adapter into its base, convert the result (and the adapter) to GGUF, quantise."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+from pathlib import Path
+
+from foundation.atomic import staged_dir
+from schemas.quants import BY_NAME
+from tasks.export import ExportError
+from tasks.export.tools import run_tool
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+def merge_adapter(model_path: str, adapter_dir: str, out_dir: Path, dtype: str) -> Path:
+    """Merge the adapter into the base reloaded in 16-bit (or fp32), never into a 4-bit base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), use_safetensors=True)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with staged_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:  # the base's tokenizer files, unchanged (GGUF reads tokenizer.model)
+            if (Path(model_path) / name).exists():
+                shutil.copyfile(Path(model_path) / name, tmp / name)
+    return out_dir
+
+
+def convert_to_gguf(tools: Path, model_dir: Path, out_file: Path, log: Path) -> Path:
+    run_tool(tools, "convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out_file), "--outtype", "f16"], log)
+    return out_file
+
+
+def convert_lora_to_gguf(tools: Path, base_dir: str, adapter_dir: str, out_file: Path, log: Path) -> Path:
+    run_tool(tools, "convert_lora_to_gguf.py",
+             ["--base", base_dir, "--outfile", str(out_file), "--outtype", "f16", adapter_dir], log)
+    return out_file
+
+
+def quantize(source: Path, target: Path, quant: str) -> Path:
+    """llama.cpp's quantiser on an f16 GGUF, to the table's llama ftype of `quant`."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = BY_NAME[quant].llama_ftype
+    params.nthread = os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if status != 0 or not target.exists():
+        raise ExportError(f"llama.cpp could not quantize {source.name} to {quant} (status {status})")
+    return target
