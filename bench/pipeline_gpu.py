@@ -125,7 +125,8 @@ def main() -> None:
     state = sft_pipeline(drops=[str(drop)], config=str(ROOT / "flows/configs/llama3_2_1b_qlora.yaml"),
                          overrides=overrides, return_state=True)
     t_end = time.time()
-    summary = state.result(raise_on_failure=False)
+    result = state.result(raise_on_failure=False)
+    summary = result.dump() if hasattr(result, "dump") else result  # a PipelineSummary, or the exception
     sampler.stop()
     time.sleep(1)
     stages = stage_times(state.state_details.flow_run_id)

@@ -15,15 +15,15 @@ def prefect_api(tmp_path_factory):
 
 def train_until_checkpoint(config, run_dir, step: int, timeout: float = 300):
     """Start `train_adapter` (run id = run_dir's name) in a thread and return once it has saved a
-    checkpoint at `step` or later: (the thread, the dict its summary lands in)."""
+    checkpoint at `step` or later: (the thread, the dict its summary lands in, as "summary")."""
     import threading
     import time
 
     from flows.train import train_adapter
     from foundation.stores.runs import RunDir
 
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(train_adapter(config=config, run_id=run_dir.name)))
+    result: dict = {}  # its "summary", once the run has finished
+    runner = threading.Thread(target=lambda: result.update(summary=train_adapter(config=config, run_id=run_dir.name)))
     runner.start()
     deadline = time.monotonic() + timeout
     while not any(e.event == "checkpoint" and e.step >= step for e in RunDir(run_dir).events()):

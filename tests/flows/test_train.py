@@ -75,7 +75,7 @@ def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, dataset):
     os.kill(int((run_dir / "worker.pid").read_text()), signal.SIGKILL)
     runner.join(600)
 
-    assert result.global_step == 36
+    assert result["summary"].global_step == 36
     begins = [e for e in RunDir(run_dir).events() if e.event == "begin"]
     assert len(begins) == 2 and begins[1].resumed_from_step >= 12
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
@@ -95,7 +95,7 @@ def test_cli_train_json(workspace, dataset, tmp_path):
     summary = json.loads(done.stdout)
     assert set(summary) >= {"run_id", "adapter_dir", "engine", "loss_first", "loss_last", "trained_tokens",
                             "tokens_per_s", "peak_mem_gib", "dataset_version", "config_hash"}
-    assert summary.dataset_version == dataset and summary.global_step == 6
+    assert summary["dataset_version"] == dataset and summary["global_step"] == 6
 
 
 def test_cli_config_errors_name_every_field(tmp_path):

@@ -118,8 +118,16 @@ def test_two_ranks_train_what_one_rank_trains_with_the_same_global_batch(workspa
     assert not list(run_dir.glob(".tmp-*"))
     a = load_file(os.path.join(one.adapter_dir, "adapter_model.safetensors"))
     b = load_file(os.path.join(two.adapter_dir, "adapter_model.safetensors"))
-    # the same adapter: DDP's averaged gradient is the accumulated one (LoRA's initial weights are seeded)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    # the same adapter: DDP's averaged gradient is the accumulated one (LoRA's initial weights are seeded).
+    # Compared as the weight update each module applies (B @ A), not element by element: Adam divides each
+    # gradient by its own running size, so an element whose gradient is ~0 moves by up to the learning rate
+    # on float noise alone (summation order differs between all-reduce and accumulation), while the update
+    # as a whole agrees to ~1e-5.
+    assert a.keys() == b.keys()
+    for name in (k for k in a if "lora_A" in k):
+        up = name.replace("lora_A", "lora_B")
+        delta_one, delta_two = a[up] @ a[name], b[up] @ b[name]
+        assert (delta_one - delta_two).norm() <= 1e-3 * delta_one.norm(), name
 
 
 @pytest.mark.slow
@@ -136,7 +144,7 @@ def test_a_killed_rank_is_resumed_on_two_ranks(workspace, dataset, monkeypatch):
     os.kill(ranks[1].pid, signal.SIGKILL)  # one rank dies (an OOM kill): torchrun stops the other, the task retries
     runner.join(600)
 
-    assert result.global_step == 24 and result.world_size == 2
+    assert result["summary"].global_step == 24 and result["summary"].world_size == 2
     begins = [e for e in RunDir(run_dir).events() if e.event == "begin"]
     assert len(begins) == 2 and begins[1].resumed_from_step >= 8 and begins[1].world_size == 2
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in [launcher, *ranks])

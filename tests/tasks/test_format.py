@@ -48,3 +48,19 @@ def test_content_hash_ignores_order_and_sees_content_and_ratio():
     sliced = pa.array(["x" * 64] + sample).slice(1)
     assert content_hash(sliced, 0.1) == h
     assert np.unique([content_hash(pa.array(ids(5, s)), 0.1) for s in "abc"]).size == 3
+
+
+def test_the_split_ratio_of_a_lineage_never_changes():
+    import pytest
+
+    from foundation.artifacts import DatasetManifest, SplitRows
+    from foundation.errors import DatasetError
+    from tasks.format import check_eval_ratio
+
+    parent = DatasetManifest(version="ds-1", content_hash="0" * 64, schema_version="canonical-row/1", parent=None,
+                             created_at="2026-12-01T00:00:00+00:00", eval_ratio=0.1, drops=[],
+                             rows=SplitRows(train=9, eval=1), files={})
+    check_eval_ratio(None, 0.3)  # a first version sets it
+    check_eval_ratio(parent, 0.1)
+    with pytest.raises(DatasetError, match="keep --eval-ratio 0.1"):
+        check_eval_ratio(parent, 0.2)

@@ -44,3 +44,13 @@ def test_hub_upload_is_skipped_with_a_clear_message_without_a_token(tmp_path, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = upload_to_hub(version_dir(tmp_path / "b"), "me/model")
     assert message.startswith("skipped: HF_HUB_OFFLINE=1") and "secret" not in message
+
+
+def test_the_champion_pointer_moves_only_to_a_promoted_newer_version():
+    from tasks.publish import champion_moves
+
+    assert champion_moves(True, None, "v0001")
+    assert champion_moves(True, "v0001", "v0002")
+    assert not champion_moves(False, "v0001", "v0002")  # not promoted
+    assert not champion_moves(True, "v0002", "v0002")  # already the champion
+    assert not champion_moves(True, "v0010", "v0009")  # an older version never takes it back
