@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip wheel -q --no-deps -w $(LLAMA_WHEELS) \
 	    $(LLAMA_SDIST)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
 	$(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_PYTHON)"
+	# gguf-py of the same sdist: transformers reads a tokenizer out of a GGUF file with it
+	rm -rf $(LLAMA_SDIST)/gguf-py && tar -xzf $(LLAMA_SDIST)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz \
+	  -C $(LLAMA_SDIST) --strip-components=3 llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py
+	$(BIN)/python -m pip install -q --no-deps $(LLAMA_SDIST)/gguf-py
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	SFTFLOW_SDIST_CACHE=$(LLAMA_SDIST) $(BIN)/python -m tasks.export.tools
 	touch $(STAMP)
@@ -34,10 +38,12 @@ demo: $(STAMP)
 	$(BIN)/sftflow demo
 
 # The import contracts first (pyproject.toml, docs/architecture.md): a change that breaks a layer fails here.
-# The dashboard test drives headless Chromium (Debian's package, installed when missing).
+# The dashboard test drives headless Chromium, the Modelfile test Go's text/template (Debian's packages,
+# installed when missing).
 test: $(STAMP)
 	$(BIN)/lint-imports
 	bash scripts/ensure_chromium.sh
+	bash scripts/ensure_go.sh
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -4,9 +4,9 @@ Each stage is its own flow, so a pipeline run shows them as subflows:
 
     ingest_drop (one per drop) -> train_adapter -> evaluate_adapter -> export_model -> publish_model
 
-Training goes to the `gpu` work pool through `run_deployment` when a Prefect server is configured
-(PREFECT_API_URL) and the `train_adapter/train` deployment exists there; otherwise it runs in this
-process. The stages hand each other only names (dataset version, run id): everything else lives in
+Training, evaluation and export (the stages that load a model) go to the `gpu` work pool through
+`run_deployment` when a Prefect server is configured (PREFECT_API_URL) and their deployments exist there
+(tasks.gpu_pool); otherwise they run in this process. The stages hand each other only names (dataset version, run id): everything else lives in
 the workspace ($SFTFLOW_HOME), which every worker must share.
 
 Run it:
@@ -35,7 +35,9 @@ from flows.train import train_adapter
 from foundation.artifacts import (
     DropReport,
     DropSummary,
+    EvalReport,
     EvaluationSummary,
+    ExportReport,
     GgufSummary,
     PipelineSummary,
     RunSummary,
@@ -44,7 +46,10 @@ from foundation.errors import DropRejectedError
 from foundation.settings import PROJECT_DIR
 from schemas.config import IngestConfig, RunConfig, config_hash, load_run_config
 from tasks.report import pipeline_text
-from tasks.train import finished_summary, plan_training, train_deployment_available, train_on_gpu_pool
+from tasks.evaluate import evaluation_of
+from tasks.export.run import export_of
+from tasks.gpu_pool import deployment_available, run_on_gpu_pool
+from tasks.train import finished_summary, plan_training, summarise_run
 
 DEFAULT_CONFIG = "flows/configs/tiny_cpu.yaml"
 
@@ -74,10 +79,28 @@ def train_stage(config: RunConfig, dataset_version: str, run_id: str) -> RunSumm
     if (done := finished_summary(run_id)) is not None:
         logger.info("run %s finished training earlier: reusing its adapter", run_id)
         return done
-    if train_deployment_available():
-        return train_on_gpu_pool(config, dataset_version, run_id)
+    if deployment_available("train"):
+        parameters = {"config": config.model_dump(mode="json"), "dataset_version": dataset_version, "run_id": run_id}
+        run_on_gpu_pool("train", parameters, run_id)
+        return summarise_run(run_id)
     logger.info("training run %s in this process (no server, or no train deployment)", run_id)
     return train_adapter(config=config, dataset_version=dataset_version, run_id=run_id)
+
+
+def evaluate_stage(run_id: str) -> EvalReport:
+    """Evaluate on the gpu pool when its deployment exists (the models load there), else in this process."""
+    if deployment_available("evaluate"):
+        run_on_gpu_pool("evaluate", {"run_id": run_id}, run_id)
+        return evaluation_of(run_id)
+    return evaluate_adapter(run_id=run_id)
+
+
+def export_stage(run_id: str) -> ExportReport:
+    """Export on the gpu pool when its deployment exists (the merge and the parity check load models), else here."""
+    if deployment_available("export"):
+        run_on_gpu_pool("export", {"run_id": run_id}, run_id)
+        return export_of(run_id)
+    return export_model(run_id=run_id)
 
 
 @flow(name="sft_pipeline")
@@ -110,9 +133,9 @@ def sft_pipeline(
         return finish(summary)
 
     summary.training = train_stage(run_config, plan.dataset_version, plan.run_id)
-    evaluation = evaluate_adapter(run_id=plan.run_id)
+    evaluation = evaluate_stage(plan.run_id)
     summary.evaluation = EvaluationSummary(scores=evaluation.scores, decision=evaluation.decision)
-    exported = export_model(run_id=plan.run_id)
+    exported = export_stage(plan.run_id)
     summary.gguf = GgufSummary(dir=exported.gguf_dir, parity=exported.parity)
     if evaluation.decision.promote:
         summary.published = publish_model(run_id=plan.run_id)

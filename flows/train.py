@@ -26,5 +26,5 @@ def train_adapter(config: RunConfig, dataset_version: str | None = None, run_id:
     run = prepare_run(config, dataset_version, run_id)
     tokenized = tokenize_dataset(run.dataset_version, run.model_path, config, run.run_id)
     end = train_model(run.run_id, run.model_path, config, run.engine)
-    record_run(run.run_id, config, run.dataset_version, run.model_path, run.engine, tokenized, end)
+    record_run(run, config, tokenized, end)
     return summarise_run(run.run_id)

@@ -306,7 +306,8 @@ class RunManifest(RunFigures):
     run_id: str
     config: dict[str, Any]  # a RunConfig (schemas.config) as JSON
     dataset_dir: str
-    model_path: str
+    model_path: str  # the base model as trained: a local directory (a Hub id resolved to its snapshot)
+    model_revision: str | None = None  # the Hub commit of that snapshot
     seed: int
     libraries: dict[str, str]
     hardware: dict[str, Any]

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from foundation.errors import ConfigError
+from schemas.chat_templates import CHAT_TEMPLATES, is_jinja
 from schemas.metrics import PromotableMetric
 from schemas.quants import LORA_THRESHOLDS, NAMES as QUANT_NAMES, QUANTS, QuantName
 
@@ -75,7 +76,8 @@ class ModelConfig(StrictModel):
         False, description="Allow a model directory's own Python code to run. Off: such models are refused."
     )
     chat_template: str | None = Field(
-        None, description="A Jinja chat template that replaces the tokenizer's own (e.g. for a base model without one)."
+        None, description="The chat format to train in, replacing the tokenizer's own (e.g. for a base model without "
+        f"one): a name ({', '.join(CHAT_TEMPLATES)}) or a Jinja template.",
     )
     load_in_4bit: bool | None = Field(
         None, description="QLoRA: load the base in 4-bit NF4. None = on when CUDA is present (never on CPU)."
@@ -92,6 +94,14 @@ class ModelConfig(StrictModel):
     )
 
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template_name_or_jinja(cls, value: str | None) -> str | None:
+        if value is not None and value not in CHAT_TEMPLATES and not is_jinja(value):
+            raise ValueError(f"{value!r} is neither a template name ({', '.join(CHAT_TEMPLATES)}) nor Jinja")
+        return value
+
+
 class LoraConfig(StrictModel):
     """The LoRA adapter."""
 
@@ -99,8 +109,10 @@ class LoraConfig(StrictModel):
     alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (Unsloth is fastest at 0).")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module names to adapt, or 'all-linear'.",
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]; Phi-3 fuses qkv_proj and gate_up_proj), or "
+        "'all-linear': every linear layer of the model's blocks, whatever the family calls them. A name that matches "
+        "no layer of the model is an error that lists them.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower, hf engine only.")

@@ -9,6 +9,7 @@ or from each greedy answer of the fixed generation sample, averaged over the ans
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -26,10 +27,23 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalise_answer(prediction) == normalise_answer(reference))
 
 
+class ScriptAwareWords:
+    """ROUGE's tokens in any script: runs of letters and digits (lowercased), and each Han or kana character on
+    its own, since Chinese and Japanese do not separate words by spaces. (rouge_score's own tokenizer keeps
+    only [a-z0-9], so two identical Chinese answers would score 0.)"""
+
+    _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3040-\u30ff\u3400-\u4dbf"
+                        r"\u4e00-\u9fff\uf900-\ufaff]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._TOKEN.findall(text.lower())
+
+
 def rouge_l(prediction: str, reference: str) -> float:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=ScriptAwareWords())
+    return scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
 def chrf(prediction: str, reference: str) -> float:

@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.config import ModelConfig
@@ -242,36 +244,94 @@ def tiny_model_dir(workspace: Workspace, log=print) -> Path:
     return target
 
 
-def resolve_model(model: ModelConfig, workspace: Workspace, log=print) -> str:
-    """`model.name` as something `from_pretrained` loads; local directories are checked first.
+@dataclass(frozen=True)
+class ResolvedModel:
+    """`model.name` made local: a directory `from_pretrained` loads, and the Hub commit it came from."""
 
-    A local directory must hold safetensors weights (pickled .bin files can run code when loaded)
-    and, unless `model.trust_remote_code` is set, no custom modelling code.
-    """
+    path: str
+    revision: str | None = None  # None for a local directory or the tiny model
+
+
+# What a training run needs of a Hub repository: weights (safetensors only), configs, tokenizer, template.
+SNAPSHOT_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+
+
+def check_model_dir(path: Path, model: ModelConfig) -> None:
+    """A model directory holds a config, safetensors weights (pickled .bin files can run code when loaded)
+    and, unless `model.trust_remote_code` is set, no custom modelling code."""
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.name {model.name}: no config.json there; point it at a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(
+            f"model.name {model.name}: no *.safetensors weights; only safetensors are loaded (convert .bin "
+            "weights with `save_pretrained(safe_serialization=True)`)"
+        )
+    config = json.loads((path / "config.json").read_text())
+    tokenizer_config = path / "tokenizer_config.json"
+    code = [f"auto_map in {name}" for name, cfg in (
+        ("config.json", config),
+        ("tokenizer_config.json", json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}),
+    ) if cfg.get("auto_map")]
+    code += sorted(p.name for p in path.glob("*.py"))
+    if code and not model.trust_remote_code:
+        raise ConfigError(
+            f"model.name {model.name}: the model ships its own code ({', '.join(code)}); review it and set "
+            "model.trust_remote_code=true to allow it"
+        )
+
+
+def hub_snapshot(model: ModelConfig) -> ResolvedModel:
+    """A Hub id resolved to a local snapshot through huggingface_hub (its cache, HF_HOME, HF_TOKEN and
+    HF_HUB_OFFLINE as the user set them); every way it can fail is a ConfigError that names the fix."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    name, at = model.name, f"@{model.revision}" if model.revision else ""
+    patterns = SNAPSHOT_FILES + (["*.py"] if model.trust_remote_code else [])
+    try:
+        # offline, a pinned commit would still be looked up on the Hub unless told to stay in the cache
+        path = Path(snapshot_download(name, revision=model.revision, allow_patterns=patterns,
+                                      local_files_only=constants.HF_HUB_OFFLINE))
+    except GatedRepoError as exc:
+        raise ConfigError(f"model.name {name}: a gated model; accept its licence at https://huggingface.co/{name} and "
+                          "set HF_TOKEN to a token of that account, or point model.name at a local directory") from exc
+    except RevisionNotFoundError as exc:
+        raise ConfigError(f"model.revision {model.revision}: no such branch, tag or commit of {name}") from exc
+    except RepositoryNotFoundError as exc:
+        raise ConfigError(f"model.name {name}: no such model on the Hub (a private one needs HF_TOKEN); check the "
+                          "id, or point model.name at a local directory") from exc
+    except LocalEntryNotFoundError as exc:
+        raise ConfigError(f"model.name {name}{at}: not in the Hugging Face cache ({_hf_home()}) and the Hub cannot "
+                          "be reached (or HF_HUB_OFFLINE is set); download it where there is network "
+                          f"(huggingface-cli download {name}), or point model.name at a local directory") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise ConfigError(f"model.name {name}{at}: the Hub could not be reached ({str(exc).splitlines()[0][:200]}); "
+                          "retry, or point model.name at a local directory") from exc
+    check_model_dir(path, model)
+    return ResolvedModel(str(path), path.name)
+
+
+def _hf_home() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def resolve_model(model: ModelConfig, workspace: Workspace, log=print) -> ResolvedModel:
+    """`model.name` as a local directory, once, at the start of a run: the tiny model, a local directory
+    (checked), or a Hub id (resolved to a snapshot of its cache, downloaded when it is not there)."""
     if model.name == TINY_NAME:
-        return str(tiny_model_dir(workspace, log))
+        return ResolvedModel(str(tiny_model_dir(workspace, log)))
     path = Path(model.name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.name {model.name}: no config.json there; point it at a Hugging Face model directory")
-        if not any(path.glob("*.safetensors")):
-            raise ConfigError(
-                f"model.name {model.name}: no *.safetensors weights; only safetensors are loaded (convert .bin "
-                "weights with `save_pretrained(safe_serialization=True)`)"
-            )
-        config = json.loads((path / "config.json").read_text())
-        tokenizer_config = path / "tokenizer_config.json"
-        code = [f"auto_map in {name}" for name, cfg in (
-            ("config.json", config),
-            ("tokenizer_config.json", json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}),
-        ) if cfg.get("auto_map")]
-        code += sorted(p.name for p in path.glob("*.py"))
-        if code and not model.trust_remote_code:
-            raise ConfigError(
-                f"model.name {model.name}: the model ships its own code ({', '.join(code)}); review it and set "
-                "model.trust_remote_code=true to allow it"
-            )
-        return str(path.resolve())
-    if model.name.startswith((".", "/", "~")):
-        raise ConfigError(f"model.name {model.name}: no such directory")
-    return model.name  # a hub id: the engine loads it (offline machines need it in the HF cache)
+        check_model_dir(path, model)
+        return ResolvedModel(str(path.resolve()))
+    if model.name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(model.name) or ".." in model.name:
+        raise ConfigError(f"model.name {model.name}: no such directory, and not a Hub id (org/name)")
+    log(f"resolving {model.name}{'@' + model.revision if model.revision else ''} on the Hugging Face Hub")
+    return hub_snapshot(model)

@@ -132,3 +132,11 @@ def evaluate_models(run_id: str) -> EvalReport:
         logger.info("%s: %s", name, json.dumps(s))
     logger.info("decision: %s", decision.reason)
     return report.without_answers()
+
+
+def evaluation_of(run_id: str) -> EvalReport:
+    """The evaluation a run holds (written by evaluate_models wherever it ran), without its answers."""
+    report = Workspace.from_env().runs.finished(run_id).eval_report()
+    if report is None:
+        raise EvaluationError(f"run {run_id} has no evaluation; evaluate it: sftflow evaluate --run {run_id}")
+    return report.without_answers()

@@ -1,10 +1,14 @@
 """Tokenize: canonical rows -> (input_ids, labels) with the model's chat template, and the gates.
 
-Labels cover every assistant turn, including its end-of-turn token, and nothing else (system,
-user and tool turns are context). They are found by rendering the conversation up to each turn:
-the tokens an assistant turn adds after the generation prompt are its span. This works for any
-chat template whose renderings of a conversation's prefixes are prefixes of its full rendering;
-a template for which that is not so is reported, never silently mis-masked.
+Labels cover exactly each assistant message's content and the end-of-turn token that closes it, and
+nothing else (system, user and tool turns, role headers and template scaffolding such as an empty
+think block are context). They are found in one rendering of the whole conversation: each assistant
+content is located in the rendered text in order, its characters mapped to tokens through the
+tokenizer's offsets, and the template's end-of-turn token (`tasks.engines.chat_format`, derived from
+the template, never a list of known markers) must follow it. So a template that renders a
+conversation's prefixes differently from the whole (Qwen3's think blocks, Mistral's system prompt in
+the last user turn) masks correctly; one that does not render an assistant's content as given is
+reported, never silently mis-masked.
 
 The gates run here, on the CPU, before any GPU minute is spent:
 - every example has at least one trainable token;
@@ -16,6 +20,7 @@ The gates run here, on the CPU, before any GPU minute is spent:
 from __future__ import annotations
 
 import json
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -28,10 +33,10 @@ from foundation.artifacts import Tokenized, TokenizedSplit
 from foundation.errors import SftflowError
 from foundation.workspace import Workspace
 from schemas.config import RunConfig
+from tasks.engines.chat_format import chat_format, end_of_turn_ids, render
 from tasks.engines.tokenizer import TemplateError, load_tokenizer
 
 IGNORE = -100
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
 
 TOKENIZED_SCHEMA = pa.schema(
     [
@@ -47,23 +52,6 @@ class GateError(SftflowError):
     """A training-data gate failed; the message names the rows and the fix."""
 
 
-def end_of_turn_ids(tokenizer) -> set[int]:
-    """Token ids that end an assistant turn: eos and the usual end-of-turn markers in the vocabulary."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
-    return ids
-
-
-def _render(tokenizer, messages: list[dict], tools, add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
-    )
-    return list(out["input_ids"] if isinstance(out, dict) else out)
-
-
 @dataclass
 class Example:
     input_ids: list[int]
@@ -72,30 +60,74 @@ class Example:
     truncated: bool = False
 
 
+@dataclass
+class Rendered:
+    """A conversation as the template renders it, tokenized, with each token's character span."""
+
+    text: str
+    ids: list[int]
+    starts: list[int]
+    ends: list[int]
+    special: set[int]  # ids of special tokens: content never starts inside one
+
+    def find_content(self, content: str, cursor: int) -> int:
+        """Where `content` starts at or after `cursor`, not inside a special token; -1 when nowhere."""
+        at = self.text.find(content, cursor) if content else -1
+        while at >= 0 and self.ids[bisect_right(self.ends, at)] in self.special:
+            at = self.text.find(content, at + 1)
+        return at
+
+    def assistant_tokens(self, content: str, cursor: int, eot_id: int) -> tuple[int, int, bool, int] | None:
+        """(first token, last token, whether the last is the end-of-turn token, where the content ends) of one
+        assistant content found from `cursor`; None when the template did not render it as given."""
+        content = content.strip()
+        start = self.find_content(content, cursor)
+        if start < 0:
+            return None
+        end = start + len(content)
+        first = bisect_right(self.ends, start)  # the first token reaching into the content
+        after = k = bisect_left(self.starts, end)  # the first token after it
+        while k < len(self.ids) and self.ids[k] != eot_id and not self.text[self.starts[k]:self.ends[k]].strip():
+            k += 1  # whitespace the template put between the content and its end-of-turn token
+        if k < len(self.ids) and self.ids[k] == eot_id:
+            return first, k, True, end
+        return first, max(first, after - 1), False, end
+
+
 def tokenize_conversation(tokenizer, messages: list[dict], tools_json: str | None, max_length: int,
-                          eot_ids: set[int]) -> Example:
-    """input_ids and labels for one conversation; labels are -100 outside assistant turns."""
+                          eot_id: int) -> Example:
+    """input_ids and labels for one conversation; labels are -100 outside assistant contents and their
+    end-of-turn tokens."""
     tools = json.loads(tools_json) if tools_json else None
-    full = _render(tokenizer, messages, tools, add_generation_prompt=False)
-    labels = [IGNORE] * len(full)
-    missing_eot = []
+    text = render(tokenizer, messages, tools)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    rendered = Rendered(text, list(encoding["input_ids"]), [s for s, _ in encoding["offset_mapping"]],
+                        [e for _, e in encoding["offset_mapping"]], special)
+    ids, labels = rendered.ids, [IGNORE] * len(rendered.ids)
+    header = chat_format(tokenizer).assistant_prefix  # the content follows its turn's header
+    missing_eot, cursor = [], 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] in ("user", "tool"):  # past the turns before: an answer is never found inside them
+            at = rendered.find_content(message["content"].strip(), cursor)
+            cursor = at + len(message["content"].strip()) if at >= 0 else cursor
             continue
-        start = len(_render(tokenizer, messages[:i], tools, add_generation_prompt=True)) if i else 0
-        end_ids = _render(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
-        end = len(end_ids)
-        if full[:end] != end_ids or end <= start:
+        if message["role"] != "assistant":  # a system prompt may be rendered anywhere (Mistral: in the last turn)
+            continue
+        at = text.find(header, cursor) if header else -1
+        cursor = at + len(header) if at >= 0 else cursor
+        found = rendered.assistant_tokens(message["content"], cursor, eot_id)
+        if found is None:
             raise TemplateError(
-                "the chat template renders a conversation's prefix differently from the conversation itself, so "
-                "assistant spans cannot be found; set model.chat_template to a template without that behaviour"
+                f"the chat template does not render assistant turn {i}'s content as it is given, so its tokens "
+                "cannot be found; set model.chat_template to a template that renders message contents verbatim"
             )
-        labels[start:end] = full[start:end]
-        # the span may end with whitespace after the end-of-turn token (e.g. ChatML's "\n")
-        if not any(t in eot_ids for t in full[max(start, end - 3) : end]):
+        first, last, ends_with_eot, cursor = found
+        labels[first : last + 1] = ids[first : last + 1]
+        if not ends_with_eot:
             missing_eot.append(i)
-    truncated = len(full) > max_length
-    return Example(full[:max_length], labels[:max_length], missing_eot, truncated)
+    truncated = len(ids) > max_length
+    return Example(ids[:max_length], labels[:max_length], missing_eot, truncated)
 
 
 @dataclass
@@ -149,11 +181,12 @@ def mask_markdown(tokenizer, example: Example, row_id: str) -> str:
 
 def tokenize_table(tokenizer, rows: pa.Table, max_length: int) -> tuple[pa.Table, list[Example], dict]:
     """Tokenize canonical rows; returns the tokenized table, the examples and gate counts."""
+    eot_id = tokenizer.convert_tokens_to_ids(chat_format(tokenizer).end_of_turn)
     eot_ids = end_of_turn_ids(tokenizer)
     ids, input_ids, labels, examples = [], [], [], []
     no_labels, missing_eot, truncated = [], [], 0
     for row in rows.to_pylist():
-        example = tokenize_conversation(tokenizer, row["messages"], row["tools"], max_length, eot_ids)
+        example = tokenize_conversation(tokenizer, row["messages"], row["tools"], max_length, eot_id)
         trainable = sum(1 for t in example.labels if t != IGNORE)
         where = f"{row['source_file']} row {row['source_row']} (id {row['id'][:12]})"
         if example.truncated:

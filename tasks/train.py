@@ -162,7 +162,8 @@ def training_ranks(train: TrainConfig) -> int:
 class PreparedRun:
     run_id: str
     dataset_version: str
-    model_path: str
+    model_path: str  # the base model, local (a Hub id resolved to its snapshot)
+    model_revision: str | None  # the Hub commit of that snapshot
     engine: str
 
 
@@ -175,9 +176,9 @@ def prepare_run(config: RunConfig, dataset_version: str | None, run_id: str | No
     run = workspace.runs.create(run_id or new_run_id(config))
     run.config_yaml.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     engine = pick_engine(config.train.engine, ranks=training_ranks(config.train))
-    model_path = resolve_model(config.model, workspace, log=logger.info)
-    logger.info("run %s: %s on dataset %s with the %s engine", run.run_id, model_path, dataset.name, engine)
-    return PreparedRun(run.run_id, dataset.name, model_path, engine)
+    model = resolve_model(config.model, workspace, log=logger.info)
+    logger.info("run %s: %s on dataset %s with the %s engine", run.run_id, model.path, dataset.name, engine)
+    return PreparedRun(run.run_id, dataset.name, model.path, model.revision, engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,14 +371,14 @@ def hardware() -> dict:
     return info
 
 
-def run_manifest(run: RunDir, config: RunConfig, dataset_dir: str, model_path: str, engine: str,
-                 tokenized: Tokenized, end: EndEvent) -> RunManifest:
+def run_manifest(run: RunDir, config: RunConfig, dataset_dir: str, model: PreparedRun, tokenized: Tokenized,
+                 end: EndEvent) -> RunManifest:
     """The reproducibility record of a finished run (pure but for the library and hardware lookups)."""
     losses = [e.loss for e in run.events() if e.event == "log"]
     return RunManifest(
         run_id=run.run_id, config=config.model_dump(mode="json"), config_hash=config_hash(config),
-        dataset_version=os.path.basename(dataset_dir), dataset_dir=dataset_dir, model_path=model_path,
-        seed=config.train.seed, engine=engine, libraries=library_versions(), hardware=hardware(),
+        dataset_version=os.path.basename(dataset_dir), dataset_dir=dataset_dir, model_path=model.model_path,
+        model_revision=model.model_revision, seed=config.train.seed, engine=model.engine, libraries=library_versions(), hardware=hardware(),
         global_step=end.global_step, loss_first=losses[0] if losses else None,
         loss_last=losses[-1] if losses else None, trained_tokens=end.trained_tokens,
         train_runtime_s=end.train_runtime,
@@ -389,20 +390,19 @@ def run_manifest(run: RunDir, config: RunConfig, dataset_dir: str, model_path: s
 
 
 @task(cache_policy=NO_CACHE)
-def record_run(run_id: str, config: RunConfig, dataset_version: str, model_path: str, engine: str,
-               tokenized: Tokenized, end: EndEvent) -> RunManifest:
+def record_run(prepared: PreparedRun, config: RunConfig, tokenized: Tokenized, end: EndEvent) -> RunManifest:
     """Write the reproducibility manifest and the loss curve; publish the curve as an artifact."""
     workspace = Workspace.from_env()
-    run = workspace.runs.dir(run_id)
+    run = workspace.runs.dir(prepared.run_id)
     png = loss_curve_png(run.events())
     run.loss_png.write_bytes(png)
     create_markdown_artifact(
         key="loss-curve",
-        markdown=f"# Loss curve: `{run_id}`\n\n![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})\n",
-        description=f"Training loss of {run_id}",
+        markdown=f"# Loss curve: `{run.run_id}`\n\n![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})\n",
+        description=f"Training loss of {run.run_id}",
     )
-    dataset_dir = str(workspace.datasets.find(dataset_version).root)
-    manifest = run_manifest(run, config, dataset_dir, model_path, engine, tokenized, end)
+    dataset_dir = str(workspace.datasets.find(prepared.dataset_version).root)
+    manifest = run_manifest(run, config, dataset_dir, prepared, tokenized, end)
     manifest.write(run.manifest_path)
     return manifest
 
@@ -419,62 +419,3 @@ def summarise_run(run_id: str) -> RunSummary:
 def finished_summary(run_id: str) -> RunSummary | None:
     """The summary of a run that has already finished (a run that finished is never trained again)."""
     return summarise_run(run_id) if Workspace.from_env().runs.dir(run_id).finished else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Training on the stack's gpu pool
-# ---------------------------------------------------------------------------------------------
-
-TRAIN_DEPLOYMENT = "train_adapter/train"
-TRAIN_ATTEMPTS = 3  # a training flow run that crashes (its process killed) is started again this often
-
-
-def train_deployment_available() -> bool:
-    """True when a Prefect server is configured (environment or profile) and it has the train deployment."""
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        return False
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        with get_client(sync_client=True) as client:
-            client.read_deployment_by_name(TRAIN_DEPLOYMENT)
-    except ObjectNotFound:
-        return False
-    return True
-
-
-def start_again(crashed: bool, attempt: int) -> bool:
-    """A training flow run that crashed (its process killed, out of memory, its host lost) is started again
-    with the same run id, which resumes from the last checkpoint, up to TRAIN_ATTEMPTS times in all."""
-    return crashed and attempt < TRAIN_ATTEMPTS
-
-
-def train_on_gpu_pool(config: RunConfig, dataset_version: str, run_id: str) -> RunSummary:
-    """Run the train deployment on the gpu pool as a subflow of the caller, starting it again after a crash."""
-    from prefect.deployments import run_deployment
-
-    logger = get_run_logger()
-    for attempt in range(1, TRAIN_ATTEMPTS + 1):
-        logger.info("training run %s on the gpu pool (deployment %s, attempt %s of %s)", run_id, TRAIN_DEPLOYMENT,
-                    attempt, TRAIN_ATTEMPTS)
-        flow_run = run_deployment(
-            TRAIN_DEPLOYMENT,
-            parameters={"config": config.model_dump(mode="json"), "dataset_version": dataset_version, "run_id": run_id},
-            as_subflow=True,
-            timeout=None,
-        )
-        state = flow_run.state
-        if state is not None and state.is_completed():
-            return summarise_run(run_id)
-        ended = state.name if state else "unknown"
-        if not start_again(state is not None and state.is_crashed(), attempt):
-            break
-        logger.warning("training flow run %s ended %s (%s): starting it again, it resumes from the last "
-                       "checkpoint in %s", flow_run.name, ended, state.message, run_id)
-    run_dir = Workspace.from_env().runs.dir(run_id).root
-    raise SftflowError(f"training flow run {flow_run.name} ({flow_run.id}) ended {ended} (attempt {attempt} of "
-                       f"{TRAIN_ATTEMPTS}): see its logs in the dashboard; the run directory is {run_dir}; "
-                       "running the pipeline again resumes from its last checkpoint")

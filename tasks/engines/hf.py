@@ -8,6 +8,7 @@ from typing import Any
 
 from schemas.config import RunConfig
 from foundation.errors import ConfigError
+from tasks.engines.lora import lora_targets
 
 
 def torch_dtype(config: RunConfig, cuda: bool):
@@ -18,14 +19,14 @@ def torch_dtype(config: RunConfig, cuda: bool):
     return getattr(torch, config.model.dtype)
 
 
-def lora_config(config: RunConfig):
+def lora_config(config: RunConfig, target_modules: list[str]):
     from peft import LoraConfig
 
     return LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
         lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
+        target_modules=target_modules,
         use_rslora=config.lora.use_rslora,
         use_dora=config.lora.use_dora,
         task_type="CAUSAL_LM",
@@ -89,7 +90,7 @@ class HFEngine:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=config.train.gradient_checkpointing
             )
-        model = get_peft_model(model, lora_config(config))
+        model = get_peft_model(model, lora_config(config, lora_targets(model, config.lora.target_modules)))
         return model, load_tokenizer(model_path, config)
 
     def load_for_inference(self, model_path: str, adapter_dir: str | None, config: RunConfig) -> tuple[Any, Any]:

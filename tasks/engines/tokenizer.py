@@ -4,6 +4,7 @@ template when it sets one, and a pad token."""
 from __future__ import annotations
 
 from foundation.errors import SftflowError
+from schemas.chat_templates import template_text
 from schemas.config import RunConfig
 
 
@@ -18,7 +19,7 @@ def load_tokenizer(model_path: str, config: RunConfig):
         model_path, trust_remote_code=config.model.trust_remote_code, revision=config.model.revision
     )
     if config.model.chat_template:
-        tokenizer.chat_template = config.model.chat_template
+        tokenizer.chat_template = template_text(config.model.chat_template)
     if not tokenizer.chat_template:
         raise TemplateError(f"{model_path} has no chat template; set model.chat_template in the run config")
     if tokenizer.pad_token_id is None:

@@ -10,6 +10,7 @@ import unsloth  # noqa: F401  (must precede transformers, trl and peft)
 from typing import Any
 
 from schemas.config import RunConfig
+from tasks.engines.lora import lora_targets
 
 
 class UnslothEngine:
@@ -34,7 +35,7 @@ class UnslothEngine:
             r=config.lora.r,
             lora_alpha=config.lora.alpha,
             lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules,
+            target_modules=lora_targets(model, config.lora.target_modules),
             use_rslora=config.lora.use_rslora,
             use_gradient_checkpointing=(("unsloth" if config.train.offload_checkpoints else True)
                                         if config.train.gradient_checkpointing else False),

@@ -26,9 +26,12 @@ def merge_adapter(model_path: str, adapter_dir: str, out_dir: Path, dtype: str) 
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     with staged_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
-        for name in TOKENIZER_FILES:  # the base's tokenizer files, unchanged (GGUF reads tokenizer.model)
-            if (Path(model_path) / name).exists():
-                shutil.copyfile(Path(model_path) / name, tmp / name)
+        # the base's tokenizer files (the converter reads a SentencePiece tokenizer.model), then the tokenizer as
+        # trained, which the trainer saved with the adapter: the run's chat template and pad token go into the GGUF
+        for source in (Path(model_path), Path(adapter_dir)):
+            for name in TOKENIZER_FILES:
+                if (source / name).exists():
+                    shutil.copyfile(source / name, tmp / name)
     return out_dir
 
 

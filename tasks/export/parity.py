@@ -91,8 +91,19 @@ def parity_prompts(eval_split: Path, tokenizer, size: int, seed: int) -> list[st
     """Rendered generation prompts of a fixed sample of eval rows (the evaluation's own sample)."""
     import pyarrow.parquet as pq
 
+    from tasks.engines.chat_format import render
     from tasks.evaluate import prompt_and_reference, sample_rows
 
     rows = sample_rows(pq.read_table(eval_split).to_pylist(), size, seed)
-    return [tokenizer.apply_chat_template(prompt_and_reference(r["messages"])[0], tokenize=False,
-                                          add_generation_prompt=True) for r in rows]
+    return [render(tokenizer, prompt_and_reference(r["messages"])[0], generation_prompt=True) for r in rows]
+
+
+def gguf_adds_bos(gguf: Path) -> bool:
+    """Whether llama.cpp puts BOS before a prompt by itself for this GGUF (its vocabulary says so)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(b"x", add_bos=True, special=False)[:1] == [llm.token_bos()]
+    finally:
+        llm.close()

@@ -26,8 +26,9 @@ from schemas.config import ExportConfig, RunConfig
 from schemas.quants import in_export_order, smallest
 from tasks.export import ExportError
 from tasks.export.convert import convert_lora_to_gguf, convert_to_gguf, merge_adapter, quantize
+from tasks.engines.chat_format import chat_format, stop_tokens
 from tasks.export.modelfile import ollama_modelfile
-from tasks.export.parity import check_thresholds, parity, parity_prompts
+from tasks.export.parity import check_thresholds, gguf_adds_bos, parity, parity_prompts
 from tasks.export.tools import LLAMA_CPP_PYTHON, llama_cpp_tools
 from tasks.preflight import check_export_fits
 
@@ -138,12 +139,12 @@ def check(job: ExportJob, files: dict[str, Path], reference, tokenizer, prompts,
 
 
 def finish(job: ExportJob, files: dict[str, Path], results: dict[str, Parity], tokenizer) -> ExportReport:
-    from tasks.tokenize import end_of_turn_ids
-
     target = job.run.gguf_dir
     served = smallest(job.quants)
-    stop = [tokenizer.convert_ids_to_tokens(i) for i in sorted(end_of_turn_ids(tokenizer))]
-    write_bytes_atomic(job.run.modelfile, ollama_modelfile(f"gguf/{job.name}-{served}.gguf", stop).encode())
+    fmt = chat_format(tokenizer)
+    modelfile = ollama_modelfile(f"gguf/{job.name}-{served}.gguf", fmt, stop_tokens(tokenizer),
+                                 write_bos=not gguf_adds_bos(target / files[served].name))
+    write_bytes_atomic(job.run.modelfile, modelfile.encode())
     report = ExportReport(
         run_id=job.run.run_id, passed=True, gguf_dir=str(target), modelfile=str(job.run.modelfile),
         files={k: str(target / v.name) for k, v in files.items()},
@@ -181,4 +182,12 @@ def export_gguf(run_id: str, quants: list[str] | None) -> ExportReport:
         table=[{"gguf": kind, **result.dump()} for kind, result in report.parity.items()],
         description=f"{run_id}: GGUF parity against the merged HF model (control: base without adapter)",
     )
+    return report
+
+
+def export_of(run_id: str) -> ExportReport:
+    """The export a run holds (written by export_gguf wherever it ran)."""
+    report = Workspace.from_env().runs.finished(run_id).export_report()
+    if report is None or not report.passed:
+        raise ExportError(f"run {run_id} has no passed export; export it: sftflow export --run {run_id}")
     return report

@@ -48,12 +48,14 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     """Greedy answers, batched with left padding and attention masks: (text, ended with end-of-turn)."""
     import torch
 
+    from tasks.engines.chat_format import render
+
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     out: list[tuple[str, bool]] = []
     for start in range(0, len(prompts), batch_size):
         rendered = [
-            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[start : start + batch_size]
+            render(tokenizer, p, generation_prompt=True) for p in prompts[start : start + batch_size]
         ]
         enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.no_grad():
@@ -71,7 +73,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
 def score_model(engine, target, config: RunConfig, eval_rows, prompts, references) -> ModelScores:
     """One model's metrics over the eval split and its answers to the sample's prompts."""
     from schemas.metrics import score
-    from tasks.tokenize import end_of_turn_ids, tokenize_table
+    from tasks.engines.chat_format import end_of_turn_ids
+    from tasks.tokenize import tokenize_table
 
     model, tokenizer = engine.load_for_inference(target.model_path, target.adapter_dir, config)
     tokenized, _, _ = tokenize_table(tokenizer, eval_rows, config.train.max_seq_length)

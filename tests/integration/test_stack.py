@@ -111,8 +111,11 @@ def test_a_landed_drop_runs_the_chain_to_a_new_champion_and_a_repeat_trains_noth
     runs = api.wait_for(lambda rs: completed(rs, "sft_pipeline"), "the pipeline to complete", 1500, home)
     for flow in CHAIN:
         assert len(completed(runs, flow)) == 1, (flow, runs)
-    assert completed(runs, "train_adapter")[0]["pool"] == "gpu"
-    assert completed(runs, "ingest_drop")[0]["pool"] == "cpu"
+    # every stage that loads a model ran on the gpu pool; the data, the pipeline (and the publish it runs in its
+    # own process) on the cpu pool
+    for flow in ("train_adapter", "evaluate_adapter", "export_model"):
+        assert completed(runs, flow)[0]["pool"] == "gpu", flow
+    assert completed(runs, "ingest_drop")[0]["pool"] == completed(runs, "sft_pipeline")[0]["pool"] == "cpu"
     assert completed(runs, "ingest_drop")[0]["parameters"]["drop_id"] == "arithmetic-2026-11"
     pipeline = completed(runs, "sft_pipeline")[0]
     assert pipeline["parameters"]["dataset_version"].startswith("ds-")

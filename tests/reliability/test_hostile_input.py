@@ -115,9 +115,9 @@ def test_a_model_with_its_own_code_needs_trust_remote_code(tmp_path, workspace):
         with pytest.raises(ConfigError, match="ships its own code") as refused:
             resolve_model(ModelConfig(name=str(path)), workspace)
         assert what in str(refused.value) and "model.trust_remote_code=true" in str(refused.value)
-        assert resolve_model(ModelConfig(name=str(path), trust_remote_code=True), workspace) == str(path.resolve())
+        assert resolve_model(ModelConfig(name=str(path), trust_remote_code=True), workspace).path == str(path.resolve())
     plain = model_dir(tmp_path, "plain")
-    assert resolve_model(ModelConfig(name=str(plain)), workspace) == str(plain.resolve())
+    assert resolve_model(ModelConfig(name=str(plain)), workspace).path == str(plain.resolve())
 
 
 def test_a_model_with_only_pickled_weights_is_refused(tmp_path, workspace):
@@ -154,7 +154,7 @@ def test_beside_safetensors_a_pickled_checkpoint_is_never_loaded(tmp_path, works
     with open(model / "pytorch_model.bin", "wb") as fh:
         pickle.dump({"model.embed_tokens.weight": _Payload(str(marker))}, fh)
     config = RunConfig.model_validate({"name": "t", "model": {"name": str(model)}, "train": {"engine": "hf"}})
-    path = resolve_model(config.model, workspace)
+    path = resolve_model(config.model, workspace).path
     loaded, _ = HFEngine()._base(path, config)
     assert loaded.num_parameters() > 0 and not marker.exists()
 

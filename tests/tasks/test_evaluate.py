@@ -85,7 +85,7 @@ def test_decision_on_loss_wants_lower():
 def test_batched_greedy_generation_equals_one_by_one(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.tokenize import end_of_turn_ids
+    from tasks.engines.chat_format import end_of_turn_ids
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
@@ -96,3 +96,10 @@ def test_batched_greedy_generation_equals_one_by_one(tiny_model):
     single = [generate(model, tokenizer, [p], 24, 1, eot)[0] for p in prompts]
     assert batched == single
     assert tokenizer.pad_token_id not in eot  # left padding with a distinct pad token
+
+
+def test_rouge_l_scores_chinese_and_japanese_answers():
+    assert rouge_l("今天天气很好", "今天天气很好") == 1.0  # rouge_score's own tokenizer scores this 0
+    assert rouge_l("東京は日本の首都です", "東京は日本の首都です") == 1.0
+    assert 0 < rouge_l("今天下雨", "今天天气很好") < 1
+    assert rouge_l("The Cat, sat!", "the cat sat") == 1.0 and rouge_l("dog", "the cat sat") == 0.0

@@ -7,14 +7,9 @@ import pytest
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
 from schemas.tables import CANONICAL_SCHEMA
-from tasks.tokenize import (
-    IGNORE,
-    GateError,
-    check_pad_masking,
-    end_of_turn_ids,
-    run_gates,
-    tokenize_conversation,
-)
+from tasks.engines.chat_format import chat_format, end_of_turn_ids
+from tasks.engines.tokenizer import TemplateError
+from tasks.tokenize import IGNORE, GateError, check_pad_masking, run_gates, tokenize_conversation
 
 
 @pytest.fixture
@@ -33,6 +28,10 @@ def rows(*conversations) -> pa.Table:
     )
 
 
+def eot(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids(chat_format(tokenizer).end_of_turn)
+
+
 def trained_text(tokenizer, example) -> str:
     return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE])
 
@@ -46,7 +45,7 @@ def test_labels_are_exactly_the_assistant_turns_with_their_end_of_turn(tokenizer
         {"role": "user", "content": "And 4 + 4?"},
         {"role": "assistant", "content": "8"},
     ]
-    example = tokenize_conversation(tokenizer, messages, None, 512, end_of_turn_ids(tokenizer))
+    example = tokenize_conversation(tokenizer, messages, None, 512, eot(tokenizer))
     assert trained_text(tokenizer, example) == "5<|eot_id|>8<|eot_id|>"
     assert example.turns_missing_eot == [] and not example.truncated
     # labels equal input ids where trained: the model learns the tokens it sees
@@ -62,19 +61,32 @@ def test_gate_no_trainable_token_names_the_row(tokenizer):
         run_gates(tokenizer, bad, 256, 0.5, "train")
 
 
-def test_gate_end_of_turn_not_learned(tokenizer):
+def test_a_template_without_an_end_of_turn_token_is_refused_before_any_row(tokenizer):
     tokenizer.chat_template = (
         "{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{%- endfor %}"
         "{%- if add_generation_prompt %}{{ 'assistant: ' }}{%- endif %}"
     )
-    with pytest.raises(GateError, match=r"end-of-turn token is not a label.*f.jsonl row 1.*assistant turns \[1\]"):
+    with pytest.raises(TemplateError, match=r"ends an assistant turn with '\\n', which holds no special token"):
         run_gates(tokenizer, rows([("user", "q"), ("assistant", "a")]), 256, 0.5, "train")
+
+
+def test_gate_end_of_turn_not_learned_names_the_row_and_turn(tokenizer):
+    # a template that leaves out the end-of-turn token after some assistant turns (here: those starting with "a")
+    tokenizer.chat_template = (
+        "{{ bos_token }}{%- for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
+        "+ m['content'] }}{% if m['role'] != 'assistant' or not m['content'].startswith('a') %}{{ '<|eot_id|>' }}"
+        "{% endif %}{%- endfor %}{%- if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+    )
+    with pytest.raises(GateError, match=r"end-of-turn token is not a label.*f.jsonl row 2.*assistant turns \[1\]"):
+        run_gates(tokenizer, rows([("user", "q"), ("assistant", "b")], [("user", "q"), ("assistant", "a")]), 256,
+                  0.5, "train")
 
 
 def test_gate_pad_masking_the_end_of_turn(tokenizer):
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    short = tokenize_conversation(tokenizer, messages, None, 64, end_of_turn_ids(tokenizer))
-    long = tokenize_conversation(tokenizer, messages * 3, None, 64, end_of_turn_ids(tokenizer))
+    short = tokenize_conversation(tokenizer, messages, None, 64, eot(tokenizer))
+    long = tokenize_conversation(tokenizer, messages * 3, None, 64, eot(tokenizer))
     check_pad_masking(tokenizer, [short, long], end_of_turn_ids(tokenizer))  # distinct pad: fine
     tokenizer.pad_token = "<|eot_id|>"
     # transformers' LM collator masks every pad id in the labels: with pad == eot the model never learns to stop

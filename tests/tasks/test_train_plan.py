@@ -5,7 +5,8 @@ from __future__ import annotations
 import signal
 
 from foundation.artifacts import EndEvent, SplitRows
-from tasks.train import TRAIN_ATTEMPTS, TrainingError, WorkerDiedError, end_of_training, start_again, training_plan
+from tasks.gpu_pool import ATTEMPTS, start_again
+from tasks.train import TrainingError, WorkerDiedError, end_of_training, training_plan
 
 ROWS = SplitRows(train=90, eval=10)
 
@@ -35,7 +36,7 @@ def test_a_version_trained_with_this_config_is_skipped_unless_forced():
 
 
 def test_a_crashed_training_run_is_started_again_up_to_the_limit():
-    assert start_again(crashed=True, attempt=1) and not start_again(crashed=True, attempt=TRAIN_ATTEMPTS)
+    assert start_again(crashed=True, attempt=1) and not start_again(crashed=True, attempt=ATTEMPTS)
     assert not start_again(crashed=False, attempt=1)  # failed or cancelled: not a crash
 
 
