@@ -1,0 +1,153 @@
+"""Family matrix smoke test: each family's tiny model (tests/families.py) loads with the Auto classes,
+renders a chat with its real template, runs a forward pass, converts to an f16 GGUF with llama.cpp's
+converter through the export's own function, loads in llama.cpp, and tokenizes exactly as transformers
+does; the export's parity check then passes its f16 and q8_0 thresholds.
+
+    SFTFLOW_TEST_CACHE=/tmp/famcache python -m pytest -q -p no:cacheprovider tests/test_families.py
+
+(SFTFLOW_TEST_CACHE keeps the built models between sessions; without it each session builds them, about
+a minute for all six. It needs the pinned llama-cpp-python sdist that `make` downloads.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.families import FAMILIES, Family, family_model, sdist_path, vocab_tests
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = "You are a terse assistant."
+CHAT = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "42."},
+    {"role": "user", "content": "And  doubled?\nShow it."},  # two spaces and a newline: whitespace handling
+    {"role": "assistant", "content": "84, since 42 × 2 = 84."},
+]
+
+
+@pytest.fixture(scope="session")
+def family_cache(tmp_path_factory) -> Path:
+    """The model cache the families are built in: SFTFLOW_TEST_CACHE when set (kept across sessions, as
+    the `model_cache` fixture does), else a fresh one per session."""
+    if not sdist_path().exists():
+        pytest.skip(f"{sdist_path()} is missing: run `make` (it downloads and checks the pinned sdist)")
+    kept = os.environ.get("SFTFLOW_TEST_CACHE")
+    return Path(kept) if kept else tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def llama_tools(family_cache) -> Path:
+    from foundation.workspace import Workspace
+    from tasks.export.tools import llama_cpp_tools
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SFTFLOW_CACHE", str(family_cache))
+        return llama_cpp_tools(Workspace.from_env())
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def family(request, family_cache) -> tuple[Family, Path]:
+    """A family and its built model directory, built once per session (or once ever, with SFTFLOW_TEST_CACHE)."""
+    return FAMILIES[request.param], family_model(request.param, family_cache, log=lambda *_: None)
+
+
+def render(tokenizer, chat: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def renders_incrementally(tokenizer, chat: list[dict]) -> bool:
+    """Whether every shorter chat renders as a prefix of the whole chat's rendering: the history up to each
+    assistant turn as written, and up to each user turn with the generation prompt."""
+    whole = render(tokenizer, chat)
+    cuts = [i for i in range(1, len(chat)) if chat[i - 1]["role"] in ("user", "assistant")]
+    return all(whole.startswith(render(tokenizer, chat[:i], chat[i - 1]["role"] == "user")) for i in cuts)
+
+
+def first_difference(ours: list[int], theirs: list[int], tokenizer) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return (f"first difference at token {at}: llama.cpp {ours[at:at + 6]} vs transformers {theirs[at:at + 6]} "
+            f"{tokenizer.convert_ids_to_tokens(theirs[at:at + 6])}")
+
+
+def test_family_round_trip(family, llama_tools, tmp_path):
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from schemas.quants import BY_NAME
+    from tasks.export.convert import convert_to_gguf, quantize
+    from tasks.export.parity import check_thresholds, parity
+
+    row, model_dir = family
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert type(model).__name__ == row.model_class
+    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert tied == row.config["tie_word_embeddings"]
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (row.bos, row.eos, row.pad)
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(list(row.stop_tokens))
+
+    # the rebuilt tokenizer encodes llama.cpp's tokenizer tests as the real tokenizer did
+    wrong = [(text, ids) for text, ids in vocab_tests(row.vocab)
+             if tokenizer(text, add_special_tokens=False).input_ids != ids]
+    assert not wrong, f"{len(wrong)} of llama.cpp's {row.vocab} tests encode differently, e.g. {wrong[0][0]!r}"
+
+    if not row.accepts_system:
+        with pytest.raises(Exception):
+            render(tokenizer, CHAT)
+    chat = CHAT if row.accepts_system else CHAT[1:]  # a template that refuses system messages gets none
+    text, prompt = render(tokenizer, chat), render(tokenizer, chat[:-1], generation_prompt=True)
+    assert row.end_of_turn in text
+    assert (SYSTEM in text) == (row.keeps_system and row.accepts_system)
+    assert renders_incrementally(tokenizer, chat) == row.prefix_stable
+
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), model.config.vocab_size) and torch.isfinite(logits).all()
+
+    gguf = convert_to_gguf(llama_tools, model_dir, tmp_path / "f16.gguf", tmp_path / "convert.log")
+    llm = llama_cpp.Llama(str(gguf), vocab_only=False, verbose=False)
+    try:
+        for rendered in (text, prompt):
+            theirs = tokenizer(rendered, add_special_tokens=False).input_ids
+            ours = llm.tokenize(rendered.encode(), add_bos=False, special=True)
+            assert ours == theirs, first_difference(ours, theirs, tokenizer)
+    finally:
+        llm.close()
+
+    # the export's own parity check (logits, top-1, greedy continuation against the HF model) at the export's
+    # thresholds; q8_0 quantises every tensor (all dims are multiples of 32) and is held to KL only, as random
+    # weights give near-uniform logits whose top-1 flips under 8-bit rounding
+    assert check_thresholds(parity(gguf, model, tokenizer, [prompt], greedy_tokens=8), BY_NAME["f16"].thresholds) == []
+    q8 = quantize(gguf, tmp_path / "q8_0.gguf", "q8_0")
+    assert check_thresholds(parity(q8, model, tokenizer, [prompt], greedy_tokens=8), BY_NAME["q8_0"].thresholds) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "llama.cpp strips the whitespace after Phi-3's special tokens (as transformers does) only when the GGUF's "
+    "general.name contains 'phi3' or 'phi-3' (llama-vocab.cpp), and convert_hf_to_gguf.py names it after the "
+    "model directory, which the export calls 'merged': tasks/export/convert.py should pass --model-name"))
+def test_phi3_gguf_from_the_export_directory_tokenizes_alike(family_cache, llama_tools, tmp_path):
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from tasks.export.convert import convert_to_gguf
+
+    model_dir = family_model("phi3.5", family_cache, log=lambda *_: None)
+    merged = tmp_path / "merged"  # the export's name for the directory it converts (RunDir.merged_dir)
+    merged.symlink_to(model_dir, target_is_directory=True)
+    gguf = convert_to_gguf(llama_tools, merged, tmp_path / "f16.gguf", tmp_path / "convert.log")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = render(tokenizer, CHAT)
+    llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    try:
+        theirs = tokenizer(text, add_special_tokens=False).input_ids
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == theirs
+    finally:
+        llm.close()
