@@ -105,15 +105,15 @@ def tokenize_conversation(tokenizer, messages: list[dict], tools_json: str | Non
     rendered = Rendered(text, list(encoding["input_ids"]), [s for s, _ in encoding["offset_mapping"]],
                         [e for _, e in encoding["offset_mapping"]], special)
     ids, labels = rendered.ids, [IGNORE] * len(rendered.ids)
-    header = chat_format(tokenizer).assistant_prefix  # the content follows its turn's header
+    header = chat_format(tokenizer).assistant_history_prefix  # the content follows its turn's header
     missing_eot, cursor = [], 0
     for i, message in enumerate(messages):
-        if message["role"] in ("user", "tool"):  # past the turns before: an answer is never found inside them
+        if message["role"] == "user":  # past the user turn: an answer is never found inside it
             at = rendered.find_content(message["content"].strip(), cursor)
             cursor = at + len(message["content"].strip()) if at >= 0 else cursor
             continue
-        if message["role"] != "assistant":  # a system prompt may be rendered anywhere (Mistral: in the last turn)
-            continue
+        if message["role"] != "assistant":  # a system prompt may be rendered anywhere (Mistral: in the last turn),
+            continue  # and a tool result anywhere or nowhere (Phi-3.5 drops it); the answer's header comes after both
         at = text.find(header, cursor) if header else -1
         cursor = at + len(header) if at >= 0 else cursor
         found = rendered.assistant_tokens(message["content"], cursor, eot_id)
@@ -183,12 +183,18 @@ def tokenize_table(tokenizer, rows: pa.Table, max_length: int) -> tuple[pa.Table
     """Tokenize canonical rows; returns the tokenized table, the examples and gate counts."""
     eot_id = tokenizer.convert_tokens_to_ids(chat_format(tokenizer).end_of_turn)
     eot_ids = end_of_turn_ids(tokenizer)
+    from jinja2.exceptions import TemplateError as JinjaError
+
     ids, input_ids, labels, examples = [], [], [], []
-    no_labels, missing_eot, truncated = [], [], 0
+    no_labels, missing_eot, refused, truncated = [], [], [], 0
     for row in rows.to_pylist():
-        example = tokenize_conversation(tokenizer, row["messages"], row["tools"], max_length, eot_id)
-        trainable = sum(1 for t in example.labels if t != IGNORE)
         where = f"{row['source_file']} row {row['source_row']} (id {row['id'][:12]})"
+        try:
+            example = tokenize_conversation(tokenizer, row["messages"], row["tools"], max_length, eot_id)
+        except JinjaError as exc:  # the template's own raise_exception (e.g. roles that do not alternate)
+            refused.append(f"{where}: {exc}")
+            continue
+        trainable = sum(1 for t in example.labels if t != IGNORE)
         if example.truncated:
             truncated += 1
         if trainable == 0:
@@ -201,14 +207,19 @@ def tokenize_table(tokenizer, rows: pa.Table, max_length: int) -> tuple[pa.Table
         labels.append(example.labels)
         examples.append(example)
     table = pa.table({"id": ids, "input_ids": input_ids, "labels": labels}, schema=TOKENIZED_SCHEMA)
-    return table, examples, {"no_labels": no_labels, "missing_eot": missing_eot, "truncated": truncated,
-                             "eot_ids": eot_ids}
+    return table, examples, {"no_labels": no_labels, "missing_eot": missing_eot, "refused": refused,
+                             "truncated": truncated, "eot_ids": eot_ids}
 
 
 def run_gates(tokenizer, rows: pa.Table, max_length: int, max_truncation_rate: float,
               split: str) -> tuple[pa.Table, list[Example], GateReport]:
     """Tokenize a split and apply every gate; raises GateError naming the rows on a violation."""
     table, examples, found = tokenize_table(tokenizer, rows, max_length)
+    if found["refused"]:
+        raise GateError(
+            f"{split}: the model's chat template refuses {len(found['refused'])} row(s): {'; '.join(found['refused'][:3])}"
+            "; remove those rows, or set model.chat_template to a template that renders them"
+        )
     untruncated_no_labels = [w for w, was_truncated in found["no_labels"] if not was_truncated]
     if untruncated_no_labels:
         raise GateError(

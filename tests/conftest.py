@@ -91,3 +91,40 @@ def model_cache(tmp_path_factory):
 def tiny_model(model_cache, monkeypatch):
     monkeypatch.setenv("SFTFLOW_CACHE", str(model_cache.parent.parent))
     return model_cache
+
+
+@pytest.fixture(scope="session")
+def family_cache(tmp_path_factory) -> Path:
+    """The model cache the tiny models of real families (tests/families.py) are built in: SFTFLOW_TEST_CACHE
+    when set (kept across sessions, as for the tiny model), else a fresh one per session."""
+    from tests.families import sdist_path
+
+    if not sdist_path().exists():
+        pytest.skip(f"{sdist_path()} is missing: run `make` (it downloads and checks the pinned sdist)")
+    kept = os.environ.get("SFTFLOW_TEST_CACHE")
+    return Path(kept) if kept else tmp_path_factory.mktemp("family-cache")
+
+
+@pytest.fixture(scope="session")
+def llama_tools(family_cache) -> Path:
+    """llama.cpp's converter scripts, extracted into the family cache."""
+    from foundation.workspace import Workspace
+    from tasks.export.tools import llama_cpp_tools
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SFTFLOW_CACHE", str(family_cache))
+        return llama_cpp_tools(Workspace.from_env())
+
+
+def _family_names() -> list[str]:
+    from tests.families import FAMILIES
+
+    return sorted(FAMILIES)
+
+
+@pytest.fixture(scope="session", params=_family_names())
+def family(request, family_cache):
+    """(a Family row, its built model directory): each built once per session (or once, with SFTFLOW_TEST_CACHE)."""
+    from tests.families import FAMILIES, family_model
+
+    return FAMILIES[request.param], family_model(request.param, family_cache, log=lambda *_: None)

@@ -11,12 +11,9 @@ a minute for all six. It needs the pinned llama-cpp-python sdist that `make` dow
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-from tests.families import FAMILIES, Family, family_model, sdist_path, vocab_tests
+from tests.families import family_model, vocab_tests
 
 pytestmark = pytest.mark.slow
 
@@ -28,32 +25,6 @@ CHAT = [
     {"role": "user", "content": "And  doubled?\nShow it."},  # two spaces and a newline: whitespace handling
     {"role": "assistant", "content": "84, since 42 × 2 = 84."},
 ]
-
-
-@pytest.fixture(scope="session")
-def family_cache(tmp_path_factory) -> Path:
-    """The model cache the families are built in: SFTFLOW_TEST_CACHE when set (kept across sessions, as
-    the `model_cache` fixture does), else a fresh one per session."""
-    if not sdist_path().exists():
-        pytest.skip(f"{sdist_path()} is missing: run `make` (it downloads and checks the pinned sdist)")
-    kept = os.environ.get("SFTFLOW_TEST_CACHE")
-    return Path(kept) if kept else tmp_path_factory.mktemp("model-cache")
-
-
-@pytest.fixture(scope="session")
-def llama_tools(family_cache) -> Path:
-    from foundation.workspace import Workspace
-    from tasks.export.tools import llama_cpp_tools
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SFTFLOW_CACHE", str(family_cache))
-        return llama_cpp_tools(Workspace.from_env())
-
-
-@pytest.fixture(scope="session", params=sorted(FAMILIES))
-def family(request, family_cache) -> tuple[Family, Path]:
-    """A family and its built model directory, built once per session (or once ever, with SFTFLOW_TEST_CACHE)."""
-    return FAMILIES[request.param], family_model(request.param, family_cache, log=lambda *_: None)
 
 
 def render(tokenizer, chat: list[dict], generation_prompt: bool = False) -> str:
@@ -111,7 +82,7 @@ def test_family_round_trip(family, llama_tools, tmp_path):
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), model.config.vocab_size) and torch.isfinite(logits).all()
 
-    gguf = convert_to_gguf(llama_tools, model_dir, tmp_path / "f16.gguf", tmp_path / "convert.log")
+    gguf = convert_to_gguf(llama_tools, model_dir, tmp_path / "f16.gguf", tmp_path / "convert.log", model_dir.name)
     llm = llama_cpp.Llama(str(gguf), vocab_only=False, verbose=False)
     try:
         for rendered in (text, prompt):
@@ -129,20 +100,20 @@ def test_family_round_trip(family, llama_tools, tmp_path):
     assert check_thresholds(parity(q8, model, tokenizer, [prompt], greedy_tokens=8), BY_NAME["q8_0"].thresholds) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "llama.cpp strips the whitespace after Phi-3's special tokens (as transformers does) only when the GGUF's "
-    "general.name contains 'phi3' or 'phi-3' (llama-vocab.cpp), and convert_hf_to_gguf.py names it after the "
-    "model directory, which the export calls 'merged': tasks/export/convert.py should pass --model-name"))
-def test_phi3_gguf_from_the_export_directory_tokenizes_alike(family_cache, llama_tools, tmp_path):
+def test_a_phi3_gguf_converted_from_the_exports_directory_tokenizes_alike(family_cache, llama_tools, tmp_path):
+    """llama.cpp strips the whitespace after Phi-3's special tokens (as transformers does) only when the GGUF's
+    general.name says phi-3 (llama-vocab.cpp); the converter would name it after the directory it converts,
+    which the export calls 'merged', so the export passes the base model's name."""
     import llama_cpp
     from transformers import AutoTokenizer
 
-    from tasks.export.convert import convert_to_gguf
+    from tasks.export.convert import convert_to_gguf, gguf_model_name
 
     model_dir = family_model("phi3.5", family_cache, log=lambda *_: None)
     merged = tmp_path / "merged"  # the export's name for the directory it converts (RunDir.merged_dir)
     merged.symlink_to(model_dir, target_is_directory=True)
-    gguf = convert_to_gguf(llama_tools, merged, tmp_path / "f16.gguf", tmp_path / "convert.log")
+    name = gguf_model_name("microsoft/Phi-3.5-mini-instruct")  # model.name as a user writes it
+    gguf = convert_to_gguf(llama_tools, merged, tmp_path / "f16.gguf", tmp_path / "convert.log", name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = render(tokenizer, CHAT)
     llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)

@@ -37,6 +37,7 @@ class ChatFormat:
     user_prefix: str
     user_suffix: str
     assistant_prefix: str  # the generation prompt
+    assistant_history_prefix: str  # before an earlier assistant turn's content (no empty think block, Qwen3, Gemma 4)
     assistant_suffix: str  # after an assistant message's content up to the next turn, its end-of-turn token in it
     end_of_turn: str  # the special token that ends an assistant turn
     system: SystemPlace  # where a system prompt goes
@@ -44,17 +45,28 @@ class ChatFormat:
     system_suffix: str = ""  # "turn": after it; "first_user" / "last_user": between it and the user's content
 
     def fold_system(self, messages: list[dict]) -> list[dict]:
-        """A system prompt the template refuses, prepended to the first user message (as Gemma 3's own
-        template does); any other conversation as it is."""
-        if self.system != "folded" or not messages or messages[0]["role"] != "system":
+        """The conversation the template must see for its system prompt to reach the model: one the template
+        refuses goes before the first user message (as Gemma 3's own template puts it); one the template puts
+        in the last user turn goes there itself when the conversation ends with the assistant (Mistral Nemo's
+        template would drop it: every training row ends so). Any other conversation as it is."""
+        if not messages or messages[0]["role"] != "system":
             return messages
-        system, rest = messages[0], list(messages[1:])
-        first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
-        if first_user is None:
-            return rest
-        rest[first_user] = {**rest[first_user],
-                            "content": f"{system['content']}{FOLD_SEPARATOR}{rest[first_user]['content']}"}
+        if self.system == "folded":
+            return _prepend(messages, "first", FOLD_SEPARATOR)
+        if self.system == "last_user" and messages[-1]["role"] == "assistant":
+            return _prepend(messages, "last", self.system_suffix)
+        return messages
+
+
+def _prepend(messages: list[dict], which: str, separator: str) -> list[dict]:
+    """The system prompt written before the first or last user message's content, and itself removed."""
+    system, rest = messages[0], list(messages[1:])
+    users = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    if not users:
         return rest
+    at = users[0] if which == "first" else users[-1]
+    rest[at] = {**rest[at], "content": f"{system['content']}{separator}{rest[at]['content']}"}
+    return rest
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
@@ -99,6 +111,9 @@ def _turn_texts(tokenizer) -> dict[str, str]:
     if len(common) < content_end:
         raise _unframed("renders a user message differently with and without the generation prompt")
     head, user_suffix = one_prompted[: one_prompted.index(USER_1)], common[content_end:]
+    before_answer = three[three.index(USER_1) + len(USER_1): three.index(ASSISTANT)]
+    if not before_answer.startswith(user_suffix):
+        raise _unframed("ends a user turn differently when an answer follows")
     after = pair[pair.index(ASSISTANT) + len(ASSISTANT):]
     between = three[three.index(ASSISTANT) + len(ASSISTANT): three.index(USER_2)]
     assistant_suffix = _common_prefix(tokenizer, after, between)
@@ -106,7 +121,8 @@ def _turn_texts(tokenizer) -> dict[str, str]:
     if not head.endswith(user_prefix):
         raise _unframed("starts the first user turn differently from the later ones")
     return {"head": head, "user_prefix": user_prefix, "user_suffix": user_suffix,
-            "assistant_prefix": one_prompted[len(common):], "assistant_suffix": assistant_suffix}
+            "assistant_prefix": one_prompted[len(common):], "assistant_suffix": assistant_suffix,
+            "assistant_history_prefix": before_answer[len(user_suffix):]}
 
 
 def _system_place(tokenizer, bos: str, preamble: str, user_prefix: str) -> tuple[SystemPlace, str, str]:

@@ -35,8 +35,17 @@ def merge_adapter(model_path: str, adapter_dir: str, out_dir: Path, dtype: str) 
     return out_dir
 
 
-def convert_to_gguf(tools: Path, model_dir: Path, out_file: Path, log: Path) -> Path:
-    run_tool(tools, "convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out_file), "--outtype", "f16"], log)
+def gguf_model_name(model_name: str) -> str:
+    """The name a GGUF carries (general.name): the base model's, never the directory the export converts.
+    llama.cpp reads behaviour from it (Phi-3's tokenizer strips the whitespace after its special tokens only
+    when the name says phi-3), so `merged` or a Hub snapshot's commit would tokenize differently."""
+    return Path(model_name.rstrip("/")).name
+
+
+def convert_to_gguf(tools: Path, model_dir: Path, out_file: Path, log: Path, model_name: str) -> Path:
+    """An f16 GGUF of a model directory, named `model_name` (see gguf_model_name)."""
+    run_tool(tools, "convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out_file), "--outtype", "f16",
+                                              "--model-name", model_name], log)
     return out_file
 
 

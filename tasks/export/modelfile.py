@@ -42,7 +42,7 @@ def ollama_template(fmt: ChatFormat, write_bos: bool) -> str:
                '{{ range $i, $m := .Messages }}{{ if eq $m.Role "user" }}'
                "{{ if eq $first -1 }}{{ $first = $i }}{{ end }}{{ $last = $i }}{{ end }}{{ end }}")
     turns = ('{{ range $i, $m := .Messages }}{{ if eq $m.Role "user" }}' + _user_turn(fmt)
-             + '{{ else if eq $m.Role "assistant" }}' + _literal(fmt.assistant_prefix) + "{{ .Content }}"
+             + '{{ else if eq $m.Role "assistant" }}' + _literal(fmt.assistant_history_prefix) + "{{ .Content }}"
              + _literal(fmt.assistant_suffix) + "{{ end }}{{ end }}")
     bos = _literal(fmt.bos) if write_bos else ""
     return indexes + bos + _system_and_first_turns(fmt) + turns + _literal(fmt.assistant_prefix)

@@ -25,7 +25,7 @@ from foundation.workspace import Workspace
 from schemas.config import ExportConfig, RunConfig
 from schemas.quants import in_export_order, smallest
 from tasks.export import ExportError
-from tasks.export.convert import convert_lora_to_gguf, convert_to_gguf, merge_adapter, quantize
+from tasks.export.convert import convert_lora_to_gguf, convert_to_gguf, gguf_model_name, merge_adapter, quantize
 from tasks.engines.chat_format import chat_format, stop_tokens
 from tasks.export.modelfile import ollama_modelfile
 from tasks.export.parity import check_thresholds, gguf_adds_bos, parity, parity_prompts
@@ -98,13 +98,14 @@ def convert(job: ExportJob, out: Path) -> dict[str, Path]:
     """Every GGUF into `out` (by kind: the quants, then lora), and the control beside the run."""
     log = job.run.export_log
     t = time.monotonic()
-    files = {"f16": convert_to_gguf(job.tools, job.run.merged_dir, out / f"{job.name}-f16.gguf", log)}
+    model_name = gguf_model_name(job.source.config.model.name)
+    files = {"f16": convert_to_gguf(job.tools, job.run.merged_dir, out / f"{job.name}-f16.gguf", log, model_name)}
     job.timed("convert_s", t)
     for quant in job.quants[1:]:
         t = time.monotonic()
         files[quant] = quantize(files["f16"], out / f"{job.name}-{quant}.gguf", quant)
         job.timed(f"quantize_{quant}_s", t)
-    convert_to_gguf(job.tools, Path(job.source.model_path), job.run.control_gguf, log)
+    convert_to_gguf(job.tools, Path(job.source.model_path), job.run.control_gguf, log, model_name)
     if job.config.lora_gguf:
         t = time.monotonic()
         files["lora"] = convert_lora_to_gguf(job.tools, job.source.model_path, job.source.adapter_dir,
