@@ -6,9 +6,10 @@ Run on the GPU machine (see ../shared/gpu/README.md), from the project root:
     python bench/train_gpu.py --shape 1b --data .gpu/alpaca_en_demo.json --out $OUT
     python bench/train_gpu.py --shape 8b --recipes sftflow-unsloth-packed,dense --steps 20 ...
 
-No weights can be downloaded there, so it builds a random-weight Llama of the real shape on the GPU
-(throughput and memory do not depend on the weights' values) and a SentencePiece tokenizer (8k
-vocabulary, Llama-3 chat template) trained on the data file. The data is the Alpaca demo file,
+No weights can be downloaded there, so it builds a random-weight model of the real shape and vocabulary
+size on the GPU (`--shape`: Llama 1b/8b, qwen2.5-1.5b, gemma2-2b, mistral-7b; throughput and memory do
+not depend on the weights' values) and a SentencePiece tokenizer (8k vocabulary, Llama-3 chat template)
+trained on the data file. The data is the Alpaca demo file,
 repeated `--repeat` times, tokenized once with sftflow's own code (chat template, response-only
 labels) and given to every recipe, so they all see the same tokens:
 
@@ -17,7 +18,8 @@ labels) and given to every recipe, so they all see the same tokens:
 - sftflow-unsloth-unpacked: the same, packing off (its loss is the reference for the packed run);
 - ref-hf-padded: plain transformers + peft + bitsandbytes 4-bit + trl SFTTrainer, batch 8, padded;
 - ref-unsloth-notebook: Unsloth's notebook recipe (FastLanguageModel + SFTTrainer, batch 8, no packing);
-- dense: the ceiling, random tokens at seq 2048 x batch 4 (no padding, no masking), Unsloth model;
+- dense / dense@N: the ceiling, random tokens at seq 2048 x batch 4 (or N, as many tokens a step as
+  sftflow-unsloth-packed@N), no padding, no masking, Unsloth model;
 - packing-parity: the packed attention path checked on the GPU (kernel against per-document SDPA; the
   same rows packed, padded and one by one) and timed against Unsloth's own packed path.
 
@@ -62,11 +64,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# shape -> (transformers class prefix, config of the real checkpoint's shape and vocabulary size)
 SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "1b": ("Llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0)),
+    "8b": ("Llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0)),
+    "qwen2.5-1.5b": ("Qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                   tie_word_embeddings=True, rope_theta=1000000.0)),
+    "gemma2-2b": ("Gemma2", dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                                 num_key_value_heads=4, head_dim=256, vocab_size=256000, tie_word_embeddings=True,
+                                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+                                 query_pre_attn_scalar=256, rope_theta=10000.0)),
+    "mistral-7b": ("Mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
+                                   tie_word_embeddings=False, sliding_window=None, rope_theta=1000000.0)),
 }
 ALL_RECIPES = ["sftflow-unsloth-packed", "sftflow-unsloth-unpacked", "ref-unsloth-notebook", "ref-hf-padded",
                "sftflow-hf-packed", "dense", "packing-parity"]
@@ -77,13 +90,15 @@ PROFILE_STEPS = 5  # --profile: 3 steps timed by torch.profiler, one plain, one 
 
 
 def build_model(shape: str, work: Path, data: Path) -> Path:
-    """Random-weight Llama of the given shape + tokenizer, saved under work/<shape>."""
+    """A random-weight model of the family and shape (real vocabulary size) + a tokenizer, under work/<shape>."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoTokenizer
 
     from tasks.base_model import train_tokenizer
 
-    target = work / f"llama-{shape}"
+    family, dims = SHAPES[shape]
+    target = work / (f"llama-{shape}" if family == "Llama" else shape)
     if (target / "config.json").exists():
         return target
     target.mkdir(parents=True, exist_ok=True)
@@ -91,12 +106,12 @@ def build_model(shape: str, work: Path, data: Path) -> Path:
     corpus = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in rows]
     train_tokenizer(corpus, target, vocab_size=8192)
     tokenizer = AutoTokenizer.from_pretrained(target)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16")
+    config = getattr(transformers, f"{family}Config")(
+        **dims, max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = getattr(transformers, f"{family}ForCausalLM")(config).to(torch.bfloat16)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     del model
@@ -325,8 +340,9 @@ def run_ref_unsloth(model_dir: Path, tokenized: Path, steps: int, work: Path) ->
     return _timed_train(trainer, counter)
 
 
-def run_dense(model_dir: Path, steps: int, profile: Path | None = None) -> dict:
-    """The ceiling: random tokens, seq 2048 x batch 4, every token trained, Unsloth QLoRA. With `profile`
+def run_dense(model_dir: Path, steps: int, profile: Path | None = None, batch: int = 4) -> dict:
+    """The ceiling: random tokens, seq 2048 x `batch` (dense@N: N rows, as many tokens a step as the packed
+    recipe @N), every token trained, Unsloth QLoRA. With `profile`
     (a path prefix), 3 more steps under torch.profiler, as bench/profile_step.py profiles the worker's."""
     import unsloth  # noqa: F401
     import torch
@@ -339,7 +355,7 @@ def run_dense(model_dir: Path, steps: int, profile: Path | None = None) -> dict:
                                                              "up_proj", "down_proj"],
                                              use_gradient_checkpointing="unsloth", random_state=3407)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    ids = torch.randint(0, 8192, (4, 2048), device="cuda")
+    ids = torch.randint(0, 8192, (batch, 2048), device="cuda")
     losses, torch_start = [], None
     torch.cuda.reset_peak_memory_stats()
     for step in range(steps):
@@ -353,10 +369,11 @@ def run_dense(model_dir: Path, steps: int, profile: Path | None = None) -> dict:
         losses.append(loss.item())
     torch.cuda.synchronize()
     seconds = time.monotonic() - torch_start
-    rate = 4 * 2048 * (steps - 3) / seconds
+    rate = batch * 2048 * (steps - 3) / seconds
     result = {"trained_tokens_per_s": round(rate, 1), "non_pad_tokens_per_s": round(rate, 1),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "loss_first": losses[0],
-              "loss_last": losses[-1], "steps": steps, "step_s": round(seconds / (steps - 3), 4)}
+              "loss_last": losses[-1], "steps": steps, "step_s": round(seconds / (steps - 3), 4),
+              "tokens_per_step": batch * 2048}
     if profile:
         from bench.profile_step import StepProfiler
 
@@ -520,6 +537,10 @@ def file_safe(name: str) -> str:
 
 
 def run_recipe(args) -> dict:
+    import faulthandler
+
+    # a recipe that does not finish in time says where it was: every thread's stack on stderr (its .err file)
+    faulthandler.dump_traceback_later(max(30, args.recipe_timeout_s - 20), repeat=True)
     work, model_dir, tokenized = Path(args.work), Path(args.model_dir), Path(args.tokenized)
     name = args.run_recipe
     base, _, batch = name.partition("@")  # e.g. sftflow-unsloth-packed@32: 32 packed sequences per step
@@ -538,8 +559,8 @@ def run_recipe(args) -> dict:
         return run_ref_hf(model_dir, tokenized, args.steps, work)
     if name == "ref-unsloth-notebook":
         return run_ref_unsloth(model_dir, tokenized, args.steps, work)
-    if name == "dense":
-        return run_dense(model_dir, min(args.steps, 20), profile)
+    if base == "dense":
+        return run_dense(model_dir, min(args.steps, 20), profile, batch=int(batch) if batch else 4)
     if name == "packing-parity":
         return run_packing_parity(model_dir, tokenized)
     raise SystemExit(f"unknown recipe {name}")
@@ -587,15 +608,22 @@ def run_child(recipe: str, model_dir: Path, tokenized: Path, args, gpus: int = 1
             [sys.executable, __file__, "--run-recipe", recipe, "--model-dir", str(model_dir), "--tokenized",
              str(tokenized), "--work", str(args.work), "--steps", str(args.steps), "--packed-batch",
              str(args.packed_batch), "--run-gpus", str(gpus), "--accumulation", str(accumulation),
-             "--warmup-steps", str(args.warmup_steps), "--profile", args.profile or "", "--out", str(args.out)],
-            capture_output=True, text=True, cwd=ROOT, timeout=900,
+             "--warmup-steps", str(args.warmup_steps), "--profile", args.profile or "", "--out", str(args.out),
+             "--recipe-timeout-s", str(args.recipe_timeout_s)],
+            capture_output=True, text=True, cwd=ROOT, timeout=args.recipe_timeout_s,
         )
-        suffix = f"-{gpus}gpu-{model_dir.name}" if args.gpus else ""  # one .err per run of a --gpus call
-        (Path(args.out) / f"{file_safe(recipe)}{suffix}.err").write_text((proc.stderr or "")[-20000:])
+        err = proc.stderr or ""
         result = next((json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         return result if result is not None else {"error": (proc.stderr or proc.stdout)[-2500:]}
+    except subprocess.TimeoutExpired as exc:  # its stacks (faulthandler) are in the .err file
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        return {"error": f"did not finish in {args.recipe_timeout_s} s; stacks in the .err file", "stderr_tail": err[-1500:]}
     except Exception:  # a recipe's failure must not cost the others' figures
+        err = ""
         return {"error": traceback.format_exc()[-2500:]}
+    finally:
+        suffix = f"-{gpus}gpu-{model_dir.name}" if args.gpus else f"-{model_dir.name}"  # one .err per run
+        (Path(args.out) / f"{file_safe(recipe)}{suffix}.err").write_text(err[-40000:])
 
 
 def main() -> None:
@@ -612,6 +640,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the tokens/s window")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no run after this many seconds (the rest are reported as skipped)")
+    parser.add_argument("--recipe-timeout-s", type=int, default=900,
+                        help="a recipe's process is stopped after this long (its stacks are dumped to its .err first)")
     parser.add_argument("--work", default="/tmp/sftflow-bench")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--run-recipe", help=argparse.SUPPRESS)

@@ -107,3 +107,22 @@ def test_gate_truncation_rate(tokenizer):
     tokenized, _, report = run_gates(tokenizer, table, 64, 0.6, "train")
     assert report.truncated == 1 and report.truncation_rate == 0.5
     assert tokenized.num_rows == 1 and report.dropped_no_labels == 1  # the truncated row lost its answer
+
+
+def test_a_model_without_a_template_needs_one_named_or_written(tiny_model, tmp_path):
+    from schemas.config import RunConfig
+    from tasks.engines.tokenizer import load_tokenizer
+
+    base = AutoTokenizer.from_pretrained(tiny_model)
+    base.chat_template = None
+    base.save_pretrained(tmp_path / "base")  # a base model's tokenizer: no chat template of its own
+    (tmp_path / "base" / "chat_template.jinja").unlink(missing_ok=True)
+    config = RunConfig.model_validate({"name": "b", "model": {"name": str(tmp_path / "base")}})
+    with pytest.raises(TemplateError, match="has no chat template; set model.chat_template"):
+        load_tokenizer(str(tmp_path / "base"), config)
+    named = config.model_copy(update={"model": config.model.model_copy(update={"chat_template": "llama3"})})
+    tokenizer = load_tokenizer(str(tmp_path / "base"), named)
+    assert chat_format(tokenizer).end_of_turn == "<|eot_id|>"  # the named template, with the model's own tokens
+    example = tokenize_conversation(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "5"}],
+                                    None, 64, eot(tokenizer))
+    assert trained_text(tokenizer, example) == "5<|eot_id|>"
