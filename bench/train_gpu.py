@@ -82,7 +82,7 @@ SHAPES = {
                                    tie_word_embeddings=False, sliding_window=None, rope_theta=1000000.0)),
 }
 ALL_RECIPES = ["sftflow-unsloth-packed", "sftflow-unsloth-unpacked", "ref-unsloth-notebook", "ref-hf-padded",
-               "sftflow-hf-packed", "dense", "packing-parity"]
+               "sftflow-hf-packed", "dense", "packing-parity", "packing-parity-hf"]
 PROFILE_STEPS = 5  # --profile: 3 steps timed by torch.profiler, one plain, one with Python stacks (sync call sites)
 
 
@@ -195,7 +195,8 @@ def run_sftflow(model_dir: Path, tokenized: Path, engine: str, packing: bool, ba
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # the worker's stdout is events only
     end = next((e for e in events if e["event"] == "end"), None)
     if proc.returncode != 0 or end is None:
-        raise RuntimeError(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        refused = [e["message"] for e in events if e["event"] == "error"]  # the worker's one-line error, if any
+        raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(refused)}\n{proc.stderr[-3000:]}")
     logs = [e for e in events if e["event"] == "log" and e["step"] <= steps]  # the profiled steps are not timed
     if len(logs) < 2:
         raise RuntimeError(f"worker logged {len(logs)} steps; end={end}\nstdout tail:\n{proc.stdout[-1500:]}"
@@ -394,18 +395,19 @@ def run_dense(model_dir: Path, steps: int, profile: Path | None = None, batch: i
     return result
 
 
-def _unsloth_engine_model(model_dir: Path, packing: bool):
-    """The model exactly as the worker trains it: the unsloth engine's load (QLoRA r=16, packed route)."""
+def _engine_model(model_dir: Path, packing: bool, engine: str = "unsloth"):
+    """The model exactly as the worker trains it: the engine's load (QLoRA r=16, packed route)."""
     from schemas.config import RunConfig
     from tasks.engines import load_engine
 
     config = RunConfig.model_validate({"name": "bench", "model": {"name": str(model_dir), "load_in_4bit": True},
-                                       "train": {"engine": "unsloth", "packing": packing, "max_steps": 1}})
-    return load_engine("unsloth").load(str(model_dir), config)
+                                       "train": {"engine": engine, "packing": packing, "max_steps": 1}})
+    return load_engine(engine).load(str(model_dir), config)
 
 
-def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
-    """Is the packed path exact, and what does it save? On the unsloth engine's own model:
+def run_packing_parity(model_dir: Path, tokenized: Path, engine: str = "unsloth") -> dict:
+    """Is the packed path exact, and what does it save? On the engine's own model (`packing-parity`:
+    unsloth, `packing-parity-hf`: the hf engine, whose packed attention has no Unsloth path to compare):
 
     - kernel: varlen_causal_attention on CUDA (torch's varlen flash kernel) against each document
       alone through SDPA (the CPU path the tests check), outputs and gradients, GQA 32/8 heads;
@@ -413,16 +415,25 @@ def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
       batch of 8 (the unpacked run), and one by one: summed label loss of each;
     - speed: forward + backward of one packed micro-batch of 16k and of 64k tokens through the packed
       route, through Unsloth's own packed path, and the same tokens as dense rows of 2048."""
-    model, tokenizer = _unsloth_engine_model(model_dir, packing=True)  # imports unsloth first
+    model, tokenizer = _engine_model(model_dir, packing=True, engine=engine)  # imports unsloth first
     import pyarrow.parquet as pq
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tasks.engines import packed_attention
-    from unsloth.utils import attention_dispatch
+    from tasks.engines import load_engine, packed_attention
 
-    out: dict = {"torch": torch.__version__, "varlen_params": sorted(packed_attention._VARLEN_PARAMS),
-                 "routed": getattr(attention_dispatch._run_attention, "sftflow_packed", False)}
+    class _NoDispatch:  # the hf engine: attention goes through transformers' registry, nothing to swap
+        _run_attention = None
+
+    if engine == "unsloth":
+        from unsloth.utils import attention_dispatch
+    else:
+        attention_dispatch = _NoDispatch()
+    out: dict = {"engine": engine, "torch": torch.__version__, "varlen_params": sorted(packed_attention._VARLEN_PARAMS),
+                 "routed": getattr(attention_dispatch._run_attention, "sftflow_packed", engine == "hf"),
+                 "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                 # not None: the worker refuses packing for this model (the packed sums below show why)
+                 "packing_problem": load_engine(engine).packing_problem(model)}
 
     # kernel
     torch.manual_seed(0)
@@ -482,11 +493,12 @@ def run_packing_parity(model_dir: Path, tokenized: Path) -> dict:
     # for which Unsloth compiles its decoder blocks)
     model.train()
     routed = attention_dispatch._run_attention
-    modes = {"route": routed, "unsloth_own": routed.unsloth_original, "dense_rows": routed.unsloth_original}
+    modes = ({"route": routed, "unsloth_own": routed.unsloth_original, "dense_rows": routed.unsloth_original}
+             if engine == "unsloth" else {"route": None, "dense_rows": None})
     with torch.no_grad():
         batch = {k: t.cuda() for k, t in free(examples[:8]).items()}
         n_labels = int((batch["labels"][0, 1:] != -100).sum())
-        for name in ("route", "unsloth_own"):
+        for name in [m for m in modes if m != "dense_rows"]:
             attention_dispatch._run_attention = modes[name]
             out[f"train_mode_packed_loss_sum_{name}"] = round(model(**batch).loss.item() * n_labels, 4)
         attention_dispatch._run_attention = routed
@@ -544,6 +556,10 @@ def run_recipe(args) -> dict:
     work, model_dir, tokenized = Path(args.work), Path(args.model_dir), Path(args.tokenized)
     name = args.run_recipe
     base, _, batch = name.partition("@")  # e.g. sftflow-unsloth-packed@32: 32 packed sequences per step
+    if base.startswith("packing-parity"):
+        # numerics in eager mode: Unsloth compiles some families' decoder blocks (Qwen2's) as one region, and
+        # every row length this recipe feeds one by one recompiles them (over 150 s on the Qwen2.5-1.5B shape)
+        os.environ["TORCHDYNAMO_DISABLE"] = "1"
     packed_batch = int(batch) if batch else args.packed_batch
     profile = None
     if name in (args.profile or "").split(",") and args.run_gpus == 1:  # sftflow-*-packed recipes and dense
@@ -561,8 +577,8 @@ def run_recipe(args) -> dict:
         return run_ref_unsloth(model_dir, tokenized, args.steps, work)
     if base == "dense":
         return run_dense(model_dir, min(args.steps, 20), profile, batch=int(batch) if batch else 4)
-    if name == "packing-parity":
-        return run_packing_parity(model_dir, tokenized)
+    if name in ("packing-parity", "packing-parity-hf"):
+        return run_packing_parity(model_dir, tokenized, engine="hf" if name.endswith("-hf") else "unsloth")
     raise SystemExit(f"unknown recipe {name}")
 
 
@@ -603,27 +619,25 @@ def scaling_summary(shape: str, recipe: str, runs: dict[int, dict]) -> dict:
 
 def run_child(recipe: str, model_dir: Path, tokenized: Path, args, gpus: int = 1, accumulation: int = 1) -> dict:
     """One recipe in its own process (its peak memory alone); its result, or {"error": ...}."""
+    suffix = f"-{gpus}gpu-{model_dir.name}" if args.gpus else f"-{model_dir.name}"  # one .err per run
+    err_file = Path(args.out) / f"{file_safe(recipe)}{suffix}.err"
     try:
-        proc = subprocess.run(
+        with open(err_file, "w") as err:  # a file, not a pipe: all of it survives a timeout's kill
+            proc = subprocess.run(
             [sys.executable, __file__, "--run-recipe", recipe, "--model-dir", str(model_dir), "--tokenized",
              str(tokenized), "--work", str(args.work), "--steps", str(args.steps), "--packed-batch",
              str(args.packed_batch), "--run-gpus", str(gpus), "--accumulation", str(accumulation),
              "--warmup-steps", str(args.warmup_steps), "--profile", args.profile or "", "--out", str(args.out),
              "--recipe-timeout-s", str(args.recipe_timeout_s)],
-            capture_output=True, text=True, cwd=ROOT, timeout=args.recipe_timeout_s,
-        )
-        err = proc.stderr or ""
+            stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, timeout=args.recipe_timeout_s,
+            )
         result = next((json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        return result if result is not None else {"error": (proc.stderr or proc.stdout)[-2500:]}
-    except subprocess.TimeoutExpired as exc:  # its stacks (faulthandler) are in the .err file
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        return {"error": f"did not finish in {args.recipe_timeout_s} s; stacks in the .err file", "stderr_tail": err[-1500:]}
+        return result if result is not None else {"error": err_file.read_text()[-2500:]}
+    except subprocess.TimeoutExpired:  # its stacks (faulthandler) are in the .err file
+        return {"error": f"did not finish in {args.recipe_timeout_s} s; stacks in {err_file.name}",
+                "stderr_tail": err_file.read_text()[-1500:]}
     except Exception:  # a recipe's failure must not cost the others' figures
-        err = ""
         return {"error": traceback.format_exc()[-2500:]}
-    finally:
-        suffix = f"-{gpus}gpu-{model_dir.name}" if args.gpus else f"-{model_dir.name}"  # one .err per run
-        (Path(args.out) / f"{file_safe(recipe)}{suffix}.err").write_text(err[-40000:])
 
 
 def main() -> None:

@@ -28,6 +28,9 @@ class Engine(Protocol):
     def load_for_inference(self, model_path: str, adapter_dir: str | None, config: RunConfig) -> tuple[Any, Any]:
         """(model in eval mode, with the adapter applied when given; tokenizer)."""
 
+    def packing_problem(self, model: Any) -> str | None:
+        """Why this engine cannot keep this model's packed documents apart (and what to do instead), or None."""
+
 
 def cuda_available() -> bool:
     import torch

@@ -117,5 +117,8 @@ class HFEngine:
             "gradient_checkpointing_kwargs": {"use_reentrant": False},
         }
 
+    def packing_problem(self, model: Any) -> str | None:
+        return None  # sftflow's packed attention honours soft-capping and sliding windows; transformers' kernels too
+
 
 ENGINE = HFEngine()

@@ -62,6 +62,16 @@ class UnslothEngine:
         FastLanguageModel.for_inference(model)  # Unsloth's faster generation path
         return model, load_tokenizer(model_path, config)
 
+    def packing_problem(self, model: Any) -> str | None:
+        """Gemma 2's soft-capped attention: without flash-attn >= 2.6.3, Unsloth runs it over the whole
+        packed row under one causal mask, so packed documents attend to each other (1% off the loss of
+        the same rows alone on the Gemma-2-2B shape, bench/RESULTS.md)."""
+        from unsloth.models import _utils
+
+        from tasks.engines.packed_attention import unsloth_packing_problem
+
+        return unsloth_packing_problem(model.config, getattr(_utils, "HAS_FLASH_ATTENTION_SOFTCAPPING", False))
+
     def sft_options(self, config: RunConfig) -> dict[str, Any]:
         import torch
 

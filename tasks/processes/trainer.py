@@ -48,7 +48,7 @@ from foundation.artifacts import (
     WorkerSpec,
     event_line,
 )
-from foundation.errors import SftflowError
+from foundation.errors import ConfigError, SftflowError
 from foundation.stores.runs import RunDir
 from schemas.config import RunConfig
 
@@ -240,6 +240,9 @@ class TrainingRecipe:
         # LoRA's A matrices start random: seeded, every run of a config (and every rank) starts alike
         set_seed(self.config.train.seed)
         self.model, self.tokenizer = self.engine.load(self.spec.model_path, self.config)
+        # a packed route that cannot honour the model's attention would let documents see each other
+        if self.config.train.packing and (problem := self.engine.packing_problem(self.model)):
+            raise ConfigError(f"train.packing: {problem}")
 
     def _setup_data(self) -> None:
         import datasets
