@@ -6,6 +6,9 @@ or from Python:
     from flows.ingest import ingest_drop; ingest_drop(paths=["data/drops/arithmetic"])
 
 With no PREFECT_API_URL it runs on Prefect's embedded API (SQLite under $SFTFLOW_HOME/prefect).
+
+A drop's descriptor (its drop.yaml or LLaMA-Factory dataset_info.json, or the file `--map` names) maps
+its columns and roles: see tasks/ingest/descriptor.py.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from foundation.errors import DropRejectedError
 from foundation.workspace import Workspace
 from schemas.config import IngestConfig
 from tasks.format import announce_dataset, dataset_updated, write_dataset_version
-from tasks.ingest.discovery import DropSource, find_drop
+from tasks.ingest.descriptor import MappedDrop, find_mapped_drop
 from tasks.ingest.stage import read_drop
 from tasks.report import (
     DropRead,
@@ -33,31 +36,36 @@ from tasks.validate import validate_rows
 
 @flow(name="ingest_drop")
 def ingest_drop(paths: list[str], drop_id: str | None = None, config: IngestConfig | None = None,
-                announce: bool = True) -> DropReport:
+                announce: bool = True, descriptor: str | None = None) -> DropReport:
     """Read, validate and format one drop; returns the drop report (also at drops/<id>/report.json).
+
+    `descriptor` is a descriptor file (`--map`) used instead of the one the drop holds, if any. What the
+    descriptor means is part of the drop's fingerprint: the same files mapped another way are a new drop.
 
     A new dataset version is announced with the event `sftflow.dataset.updated` (which triggers the
     pipeline deployment) unless `announce` is off, as when `sft_pipeline` ingests and trains itself.
     """
     config = config or IngestConfig()
-    drop = find_drop(paths, drop_id)
+    mapped = find_mapped_drop(paths, drop_id, descriptor)
+    drop = mapped.drop
     workspace = Workspace.from_env().ensure()
     # One ingest per drop id at a time: a drop announced twice is ingested once, then is a no-op.
     with workspace.drops.lock(drop.drop_id):
-        report = find_earlier_ingest(drop.drop_id, drop.fingerprint) or ingest_new_drop(workspace, drop, config)
+        report = find_earlier_ingest(drop.drop_id, drop.fingerprint) or ingest_new_drop(workspace, mapped, config)
     if announce and (payload := dataset_updated(report)):
         announce_dataset(payload)
     return report
 
 
-def ingest_new_drop(workspace: Workspace, drop: DropSource, config: IngestConfig) -> DropReport:
+def ingest_new_drop(workspace: Workspace, mapped: MappedDrop, config: IngestConfig) -> DropReport:
     """Read, validate, apply the reject rule, format; the drop report written whole either way."""
+    drop = mapped.drop
     with workspace.drops.staging(drop.drop_id) as staging:
-        staged = read_drop(drop.files, drop.drop_id, config, staging)
+        staged = read_drop(drop.files, drop.drop_id, config, staging, mapped.descriptors)
         require_rows(staged.rows_in, drop.files)
         validated = validate_rows(staged.staged_paths, config, staging)
         read = DropRead.of(drop.drop_id, drop.fingerprint, staged.files, staged.rows_in,
-                           staged.quarantined + validated.quarantined, validated.accepted_rows)
+                           staged.quarantined + validated.quarantined, validated.accepted_rows, mapped.record)
         quarantine_parts = [*staged.quarantine_paths, validated.quarantine_path]
         if error := reject_reason(read, config.max_reject_rate):
             report = rejected_report(read, config, error, workspace.datasets.current())

@@ -133,6 +133,10 @@ class DropReport(Artifact):
     dataset_rows: SplitRows
     quarantine_path: str | None = None
     error: str | None = None
+    # The descriptor that mapped the drop's columns and roles (tasks/ingest/descriptor.py): its source file,
+    # kind, sha256, normalised entries ("datasets"), the entry each file was read with, and notes on what
+    # was not applied. Absent when the drop had none.
+    descriptor: dict[str, Any] | None = None
 
 
 class DatasetManifest(Artifact):

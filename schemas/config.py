@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from foundation.errors import ConfigError
 from schemas.chat_templates import CHAT_TEMPLATES, is_jinja
 from schemas.metrics import PromotableMetric
+from schemas.other_tools import unknown_key_hint
 from schemas.quants import LORA_THRESHOLDS, NAMES as QUANT_NAMES, QUANTS, QuantName
 
 
@@ -268,12 +269,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """Every error at once, each naming its dotted field."""
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """Every error at once, each naming its dotted field; an unknown key of `model` (default RunConfig) gets
+    a "did you mean" hint: its place in another section, another tool's name for it, or a close spelling."""
     lines = [f"{source}: {len(exc.errors())} error(s)"]
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        message = "unknown field (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = unknown_key_hint(model or RunConfig, tuple(str(p) for p in error["loc"]))
+        else:
+            message = error["msg"]
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 

@@ -94,11 +94,19 @@ def ingest(
         Optional[float], typer.Option(help="Fail the drop when more than this share of rows is quarantined.")
     ] = None,
     max_chars: Annotated[Optional[int], typer.Option(help="Longest conversation accepted, in characters.")] = None,
+    map_file: Annotated[Optional[str], typer.Option(
+        "--map", metavar="FILE",
+        help="A descriptor mapping the drop's columns, turn keys and roles: a drop.yaml, a LLaMA-Factory "
+             "dataset_info.json or an Axolotl config (its datasets:). Default: the drop's own drop.yaml or "
+             "dataset_info.json, if it has one.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Ingest a drop: read, validate (quarantining bad rows), dedup, split, write a dataset version."""
     try:
         check_format(format)  # before the workspace and Prefect start: a ConfigError naming the choices
+        from tasks.ingest.descriptor import check_descriptor
+
+        check_descriptor(list(paths), map_file)  # likewise: a ConfigError naming the file and the key
         with _flow_session():
             from pydantic import ValidationError
 
@@ -111,7 +119,7 @@ def ingest(
                 config = IngestConfig(**{k: v for k, v in overrides.items() if v is not None})
             except ValidationError as exc:
                 raise SftflowError(_pydantic_message(exc)) from exc
-            report = ingest_drop(paths=list(paths), drop_id=drop_id, config=config)
+            report = ingest_drop(paths=list(paths), drop_id=drop_id, config=config, descriptor=map_file)
     except DropRejectedError as exc:
         if as_json:
             _emit(_ingest_keys(exc.report) | {"error": exc.report.error}, True, "")
@@ -124,9 +132,11 @@ def ingest(
 
 
 def _ingest_keys(report: DropReport) -> dict:
-    """The report's INGEST_KEYS, each present (null when the report has no value for it)."""
+    """The report's INGEST_KEYS, each present (null when the report has no value for it), and the
+    descriptor that mapped the drop when it had one."""
     fields = report.model_dump(mode="json")
-    return {k: fields[k] for k in INGEST_KEYS}
+    mapped = {"descriptor": fields["descriptor"]} if fields.get("descriptor") else {}
+    return {k: fields[k] for k in INGEST_KEYS} | mapped
 
 
 def _pydantic_message(exc: Exception) -> str:
@@ -154,6 +164,26 @@ def config_validate(
     resolved = config.model_dump(mode="json")
     _emit({"valid": True, "config_hash": config_hash(config), "config": resolved}, as_json,
           f"{file}: valid (config hash {config_hash(config)})")
+
+
+@config_app.command("import")
+def config_import(
+    tool: Annotated[str, typer.Argument(help="The tool the config is for: axolotl or llamafactory.")],
+    file: Annotated[Path, typer.Argument(help="Its training config YAML.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Directory to write the run config and drops/<dataset>/drop.yaml into (default: ./<file stem>-sftflow).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files of an earlier import.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Translate an Axolotl or LLaMA-Factory config into a run config and one drop descriptor per dataset;
+    list what was mapped and what has no equivalent, and print the commands to ingest and train."""
+    from sftflow.config_import import import_config, report_text
+
+    try:
+        result = import_config(tool, file, out, force=force)
+    except SftflowError as exc:
+        _fail(exc)
+    _emit(result.dump(), as_json, report_text(result))
 
 
 @app.command()

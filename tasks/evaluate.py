@@ -28,9 +28,15 @@ from schemas.config import EvalConfig, RunConfig
 from schemas.metrics import BY_NAME
 
 
+def has_reference(messages: list[dict]) -> bool:
+    """Does the conversation end in an answer to compare with (an assistant turn with text)? Plain-text
+    rows and answers that only call tools count in the eval loss, not in the generated sample."""
+    return bool(messages) and messages[-1]["role"] == "assistant" and bool(messages[-1]["content"].strip())
+
+
 def sample_rows(rows: list[dict], size: int, seed: int) -> list[dict]:
     """A fixed sample: the same rows for every model of every run on the same dataset version."""
-    ordered = sorted(rows, key=lambda r: r["id"])
+    ordered = sorted((r for r in rows if has_reference(r["messages"])), key=lambda r: r["id"])
     return random.Random(seed).sample(ordered, min(size, len(ordered)))
 
 

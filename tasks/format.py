@@ -29,7 +29,7 @@ from foundation.errors import DatasetError
 from foundation.stores.datasets import SPLITS, DatasetStore, DatasetVersion
 from foundation.workspace import Workspace
 from schemas.config import IngestConfig
-from schemas.tables import CANONICAL_SCHEMA, CANONICAL_SCHEMA_VERSION, DUPLICATE_SCHEMA
+from schemas.tables import CANONICAL_SCHEMA, CANONICAL_SCHEMA_VERSION, DUPLICATE_SCHEMA, upgrade_canonical
 from tasks.report import DropRead
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def _copy_rows(tmp: Path, parent: DatasetVersion | None, validated_path: str, ke
         if parent is not None:
             for split in SPLITS:
                 for batch in pq.ParquetFile(parent.path(split)).iter_batches(batch_size=config.batch_rows):
-                    writers[split].write_batch(batch)
+                    writers[split].write_batch(upgrade_canonical(batch))  # a version written before canonical-row/2
                     rows[split] += batch.num_rows
         offset = 0
         for batch in staging.iter_batches(validated_path):

@@ -61,12 +61,13 @@ class DropRead:
     quarantined: int
     valid: int  # rows that passed validation: accepted, duplicates, or held back when the drop is rejected
     ingested_at: str
+    descriptor: dict | None = None  # the drop's descriptor as applied (`descriptor.MappedDrop.record`)
 
     @classmethod
     def of(cls, drop_id: str, fingerprint: str, files: dict[str, dict], rows_in: int, quarantined: int,
-           valid: int) -> "DropRead":
+           valid: int, descriptor: dict | None = None) -> "DropRead":
         return cls(drop_id, fingerprint, {url: FileRead(**counts) for url, counts in files.items()}, rows_in,
-                   quarantined, valid, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                   quarantined, valid, datetime.now(timezone.utc).isoformat(timespec="seconds"), descriptor)
 
     @property
     def reject_rate(self) -> float:
@@ -77,8 +78,10 @@ class DropRead:
         return {k: getattr(self, k) for k in ("drop_id", "fingerprint", "rows_in", "quarantined", "ingested_at")}
 
     def report_fields(self, config: IngestConfig) -> dict:
+        # A drop without a descriptor has no `descriptor` key at all, as before descriptors existed.
+        mapped = {"descriptor": self.descriptor} if self.descriptor is not None else {}
         return {**self.record_fields(), "files": self.files, "reject_rate": self.reject_rate,
-                "max_reject_rate": config.max_reject_rate}
+                "max_reject_rate": config.max_reject_rate, **mapped}
 
 
 def require_rows(rows_in: int, files: list[str]) -> None:
@@ -259,6 +262,14 @@ def drop_text(report: DropReport | DropSummary) -> str:
     ]
     if rows := report.dataset_rows:
         lines.append(f"  dataset {report.dataset_version} (train {rows.train}, eval {rows.eval})")
+    if descriptor := getattr(report, "descriptor", None):
+        lines.append(f"  mapped by {descriptor['source']} ({descriptor['kind']} descriptor): "
+                     f"{len(descriptor['files'])} of {len(report.files or {})} files")
+        lines += [f"  note: {note}" for note in descriptor["notes"]]
+    for url, read in (getattr(report, "files", None) or {}).items():
+        if read.format == "preference":
+            lines.append(f"  note: {url} holds preference pairs: each row's chosen conversation is trained, its "
+                         "rejected reply is not (sftflow trains supervised)")
     return "\n".join(lines)
 
 

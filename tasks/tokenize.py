@@ -93,11 +93,57 @@ class Rendered:
             return first, k, True, end
         return first, max(first, after - 1), False, end
 
+    def turn_tokens(self, message: dict, cursor: int, eot_id: int, header_found: bool,
+                    results: list[str]) -> tuple[int, int, bool, int] | None:
+        """(first token, last token, ends with end-of-turn, where the turn ends) of an assistant turn with
+        reasoning or tool calls: everything the model writes after its turn's header (`cursor`, when the
+        header was found: a think block's tags too), through the next end-of-turn token, so reasoning and
+        calls are trained as the template writes them. None when the template dropped its text or a call."""
+        starts = [at for piece in (message.get("reasoning"), message["content"])
+                  if piece and piece.strip() and (at := self.find_content(piece.strip(), cursor)) >= 0]
+        if message["content"].strip() and self.find_content(message["content"].strip(), cursor) < 0:
+            return None  # the template dropped the text (Llama 3's renders only the call of a turn that has one)
+        start = min([cursor, *starts]) if header_found else min(starts, default=cursor)
+        while start < len(self.text) and self.text[start].isspace():
+            start += 1
+        first = bisect_right(self.ends, start)
+        k = first
+        while k < len(self.ids) and self.ids[k] != eot_id:
+            k += 1
+        turn = self.text[self.starts[first]:self.ends[min(k, len(self.ids) - 1)]] if first < len(self.ids) else ""
+        calls_part = turn.replace(message["content"].strip(), "", 1) if message["content"].strip() else turn
+        for call in json.loads(message["tool_calls"]) if message.get("tool_calls") else []:
+            if call["function"]["name"] not in calls_part:
+                return None  # the template dropped the call (Phi-3.5's renders no tool calls)
+        if any(result in calls_part for result in results):
+            return None  # the template writes the tool's answer inside the assistant's turn (Gemma 4's): not separable
+        if k < len(self.ids):
+            return first, k, True, self.ends[k]
+        return first, len(self.ids) - 1, False, len(self.text)
+
+
+def trained_turn(message: dict) -> bool:
+    """Is this turn's content learned? As the data says (weight 0 or 1), else assistant turns only."""
+    weight = message.get("weight")
+    return message["role"] == "assistant" if weight is None else weight > 0
+
+
+def tokenize_text(tokenizer, text: str, max_length: int) -> Example:
+    """A plain-text row: the document as the tokenizer encodes it (its bos, if it adds one) and eos, every
+    token trained."""
+    if tokenizer.eos_token_id is None:
+        raise TemplateError("the tokenizer has no eos token to end a plain-text row; set one in its config")
+    ids = list(tokenizer(text)["input_ids"]) + [tokenizer.eos_token_id]
+    return Example(ids[:max_length], ids[:max_length], [], len(ids) > max_length)
+
 
 def tokenize_conversation(tokenizer, messages: list[dict], tools_json: str | None, max_length: int,
                           eot_id: int) -> Example:
-    """input_ids and labels for one conversation; labels are -100 outside assistant contents and their
-    end-of-turn tokens."""
+    """input_ids and labels for one conversation; labels are -100 outside the trained turns: each assistant
+    turn's content (with its reasoning and tool calls as rendered) and the end-of-turn token that closes it,
+    unless the data gives the turn weight 0, and a user turn the data gives weight 1."""
+    if len(messages) == 1 and messages[0]["role"] == "text":
+        return tokenize_text(tokenizer, messages[0]["content"], max_length)
     tools = json.loads(tools_json) if tools_json else None
     text = render(tokenizer, messages, tools)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -108,21 +154,39 @@ def tokenize_conversation(tokenizer, messages: list[dict], tools_json: str | Non
     header = chat_format(tokenizer).assistant_history_prefix  # the content follows its turn's header
     missing_eot, cursor = [], 0
     for i, message in enumerate(messages):
+        content = message["content"].strip()
         if message["role"] == "user":  # past the user turn: an answer is never found inside it
-            at = rendered.find_content(message["content"].strip(), cursor)
-            cursor = at + len(message["content"].strip()) if at >= 0 else cursor
+            at = rendered.find_content(content, cursor)
+            if at >= 0 and trained_turn(message):
+                first, last = bisect_right(rendered.ends, at), bisect_left(rendered.starts, at + len(content)) - 1
+                labels[first : last + 1] = ids[first : last + 1]
+            cursor = at + len(content) if at >= 0 else cursor
             continue
         if message["role"] != "assistant":  # a system prompt may be rendered anywhere (Mistral: in the last turn),
             continue  # and a tool result anywhere or nowhere (Phi-3.5 drops it); the answer's header comes after both
         at = text.find(header, cursor) if header else -1
         cursor = at + len(header) if at >= 0 else cursor
-        found = rendered.assistant_tokens(message["content"], cursor, eot_id)
+        if message.get("tool_calls") or message.get("reasoning"):
+            header_found = at >= 0
+            if not header_found:  # a template whose turns have no header (Mistral's): where the prompt ends
+                prompt = render(tokenizer, messages[:i], tools, generation_prompt=True)
+                if text.startswith(prompt) and len(prompt) >= cursor:
+                    cursor, header_found = len(prompt), True
+            results = [m["content"].strip() for m in messages[i + 1:] if m["role"] == "tool" and m["content"].strip()]
+            found = rendered.turn_tokens(message, cursor, eot_id, header_found, results)
+        else:
+            found = rendered.assistant_tokens(content, cursor, eot_id)
         if found is None:
+            if not trained_turn(message):
+                continue  # context only: where the template put it does not matter
+            what = "content and tool calls" if message.get("tool_calls") else "content"
             raise TemplateError(
-                f"the chat template does not render assistant turn {i}'s content as it is given, so its tokens "
-                "cannot be found; set model.chat_template to a template that renders message contents verbatim"
+                f"the chat template does not render assistant turn {i}'s {what} as given, so its tokens "
+                f"cannot be found; set model.chat_template to a template that renders message {what} verbatim"
             )
         first, last, ends_with_eot, cursor = found
+        if not trained_turn(message):
+            continue
         labels[first : last + 1] = ids[first : last + 1]
         if not ends_with_eot:
             missing_eot.append(i)
@@ -191,8 +255,8 @@ def tokenize_table(tokenizer, rows: pa.Table, max_length: int) -> tuple[pa.Table
         where = f"{row['source_file']} row {row['source_row']} (id {row['id'][:12]})"
         try:
             example = tokenize_conversation(tokenizer, row["messages"], row["tools"], max_length, eot_id)
-        except JinjaError as exc:  # the template's own raise_exception (e.g. roles that do not alternate)
-            refused.append(f"{where}: {exc}")
+        except (JinjaError, TemplateError, TypeError) as exc:  # the template's raise_exception (roles that do not
+            refused.append(f"{where}: {exc}")  # alternate), a turn it does not render, or fields it cannot combine
             continue
         trainable = sum(1 for t in example.labels if t != IGNORE)
         if example.truncated:

@@ -41,6 +41,7 @@ FEATURE_COLUMNS = (
     "n_unknown_role",
     "n_empty",
     "n_system_not_first",
+    "n_text_in_chat",
     "total_chars",
     "last_role",
 )
@@ -63,7 +64,10 @@ def row_features(rows: pa.Table) -> pd.DataFrame:
         return np.bincount(parents, weights=np.asarray(mask, dtype=np.float64), minlength=n).astype(np.int64)
 
     is_system = pc.equal(roles, "system").to_numpy(zero_copy_only=False)
+    is_text = pc.equal(roles, "text").to_numpy(zero_copy_only=False)  # a plain-text row: its own prompt and answer
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(contents)), 0).to_numpy(zero_copy_only=False)
+    if flat.type.get_field_index("tool_calls") >= 0:  # an assistant turn that only calls tools is not empty
+        blank &= ~flat.field("tool_calls").is_valid().to_numpy(zero_copy_only=False)
     # last role as a categorical: a million Python strings would cost ~60 MB per million rows
     last_index = np.where(lengths > 0, offsets[1:] - offsets[0] - 1, 0)
     role_codes = pc.index_in(roles, value_set=pa.array(ROLES)).fill_null(len(ROLES)).to_numpy(zero_copy_only=False)
@@ -72,11 +76,12 @@ def row_features(rows: pa.Table) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "n_messages": lengths.astype(np.int64),
-            "n_user": per_row(pc.equal(roles, "user").to_numpy(zero_copy_only=False)),
-            "n_assistant": per_row(pc.equal(roles, "assistant").to_numpy(zero_copy_only=False)),
+            "n_user": per_row(pc.equal(roles, "user").to_numpy(zero_copy_only=False) | is_text),
+            "n_assistant": per_row(pc.equal(roles, "assistant").to_numpy(zero_copy_only=False) | is_text),
             "n_unknown_role": per_row(pc.invert(pc.is_in(roles, pa.array(ROLES))).to_numpy(zero_copy_only=False)),
             "n_empty": per_row(blank),
             "n_system_not_first": per_row(is_system & (position > 0)),
+            "n_text_in_chat": per_row(is_text & (np.repeat(lengths, lengths) > 1)),
             "total_chars": per_row(pc.utf8_length(contents).to_numpy(zero_copy_only=False)),
             "last_role": last_role,
         }

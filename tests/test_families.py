@@ -122,3 +122,65 @@ def test_a_phi3_gguf_converted_from_the_exports_directory_tokenizes_alike(family
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == theirs
     finally:
         llm.close()
+
+
+TOOLS = '[{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]'
+CALL = '[{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]'
+# Per family: what is trained of a tool-call turn (text and call) and of an answer with reasoning, as the
+# family's own template writes them; None: the template drops the call, or writes the tool's answer inside the
+# assistant's turn, so the row is refused by name (never trained without its call).
+TOOL_TURNS = {
+    "qwen2.5": ('Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>'
+                "The sum is 5.<|im_end|>"),
+    "qwen3": ('Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>'
+              "<think>\n2 plus 3 is 5.\n</think>\n\nThe sum is 5.<|im_end|>"),
+    "llama3": None,  # Llama 3.x renders only the call of a turn that has one: its text would be lost
+    "phi3.5": None,  # no tool calls in Phi-3.5's template
+    "gemma": None,  # Gemma 4 writes the tool's answer inside the model's turn
+    "mistral": None,
+}
+
+
+def test_tool_calls_and_reasoning_are_trained_as_the_family_writes_them(family):
+    from transformers import AutoTokenizer
+
+    from tasks.engines.chat_format import chat_format
+    from tasks.engines.tokenizer import TemplateError
+    from tasks.tokenize import IGNORE, tokenize_conversation
+
+    row, model_dir = family
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eot = tokenizer.convert_tokens_to_ids(chat_format(tokenizer).end_of_turn)
+    chat = [{"role": "user", "content": "Add 2 and 3."},
+            {"role": "assistant", "content": "Let me add.", "tool_calls": CALL},
+            {"role": "tool", "content": "5"},
+            {"role": "assistant", "content": "The sum is 5.", "reasoning": "2 plus 3 is 5."}]
+    expected = TOOL_TURNS[row.name]
+    if expected is None:
+        with pytest.raises(TemplateError, match="does not render assistant turn 1's content and tool calls"):
+            tokenize_conversation(tokenizer, chat, TOOLS, 4096, eot)
+        return
+    example = tokenize_conversation(tokenizer, chat, TOOLS, 4096, eot)
+    assert example.turns_missing_eot == []
+    assert tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]) == expected
+
+
+def test_a_turn_that_only_calls_a_tool_is_trained_on_its_call(family):
+    """Llama 3.x and Mistral write a call-only turn in their own syntax: the call and end-of-turn are trained."""
+    from transformers import AutoTokenizer
+
+    from tasks.engines.chat_format import chat_format
+    from tasks.tokenize import IGNORE, tokenize_conversation
+
+    row, model_dir = family
+    if row.name not in ("llama3", "qwen2.5"):
+        pytest.skip("the call-only turn is shown on Llama 3.x and Qwen2.5")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eot = tokenizer.convert_tokens_to_ids(chat_format(tokenizer).end_of_turn)
+    chat = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "", "tool_calls": CALL},
+            {"role": "tool", "content": "5"}, {"role": "assistant", "content": "The sum is 5."}]
+    example = tokenize_conversation(tokenizer, chat, TOOLS, 4096, eot)
+    text = tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE])
+    call = {"llama3": '{"name": "add", "parameters": {"a": 2, "b": 3}}<|eot_id|>',
+            "qwen2.5": '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>'}[row.name]
+    assert text == call + "The sum is 5." + row.end_of_turn

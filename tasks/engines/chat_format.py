@@ -16,6 +16,9 @@ all derived from the result, so a model brings its own format.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -176,10 +179,33 @@ def chat_format(tokenizer) -> ChatFormat:
     return _FORMATS[key]
 
 
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Canonical messages (schemas.tables.MESSAGE_TYPE) as chat templates read them: tool calls as a list
+    of OpenAI-shaped calls and reasoning as `reasoning_content` (Qwen3's name), each only where the
+    message has one; the loss weight is not the template's business."""
+    out, pending_ids = [], []
+    for m in messages:
+        item = {"role": m["role"], "content": m["content"]}
+        calls = m.get("tool_calls")
+        if calls:
+            calls = json.loads(calls) if isinstance(calls, str) else calls
+            # templates that pair results with calls (Mistral's: 9 letters or digits) get an id derived from
+            # the call when the data gave none, and each following tool result the id of its call, in order
+            calls = [c if c.get("id") else {**c, "id": hashlib.sha256(json.dumps([i, c], sort_keys=True).encode())
+                                                 .hexdigest()[:9]} for i, c in enumerate(calls)]
+            item["tool_calls"], pending_ids = calls, [c["id"] for c in calls]
+        if m.get("reasoning") or m.get("reasoning_content"):
+            item["reasoning_content"] = m.get("reasoning") or m["reasoning_content"]
+        if m["role"] == "tool" and pending_ids:
+            item["tool_call_id"] = m.get("tool_call_id") or pending_ids.pop(0)
+        out.append(item)
+    return out
+
+
 def render(tokenizer, messages: list[dict], tools=None, generation_prompt: bool = False) -> str:
     """The model's template rendering of a conversation (a system prompt it refuses folded into the first
     user turn): what training, evaluation and the parity check all see."""
-    messages = chat_format(tokenizer).fold_system(messages)
+    messages = chat_format(tokenizer).fold_system(template_messages(messages))
     return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 

@@ -4,13 +4,17 @@ A corrupt line or record never stops a drop: it becomes a quarantined row with i
 file, row number and reasons.
 
 The parts, two of them registries (a table, and one module per row):
-- `discovery`: drop ids, the data files a drop holds (those with a suffix in the readers table), and
-  the fingerprint of a drop's content.
+- `discovery`: drop ids, the data files a drop holds (those with a suffix in the readers table; the
+  files a `datasets` save_to_disk directory lists; an `hf://datasets/...` snapshot in the local Hugging
+  Face cache), and the fingerprint of a drop's content.
+- `descriptor`: a drop's column and role mapping (`drop.yaml`, a LLaMA-Factory `dataset_info.json`, an
+  Axolotl config's `datasets:`), validated, applied to each record before its format is detected, and
+  part of the drop's identity.
 - `readers`: `READERS`, the table of readers by file suffix, and one module per file type (JSON
-  Lines, JSON, CSV, Parquet). Each turns an open binary file into `RawRecord`s and isolates a bad
+  Lines, JSON, CSV, Parquet, Arrow IPC). Each turns an open binary file into `RawRecord`s and isolates a bad
   record to its own row. A new file type is one reader module, one row in `READERS` and its test.
-- `formats`: `FORMATS`, the ordered table of input formats (OpenAI, ShareGPT, Alpaca,
-  prompt/completion: how each is detected and normalised), one module per format, and what they
+- `formats`: `FORMATS`, the ordered table of input formats (preference pairs, OpenAI, ShareGPT, Alpaca,
+  prompt/completion, plain text: how each is detected and normalised), one module per format, and what they
   share (`formats.messages`). A new format is one module defining its `FORMAT` row, one row in
   `FORMATS` and its test. It imports neither Prefect nor pyarrow, so the CLI checks `--format`
   against the table quickly.

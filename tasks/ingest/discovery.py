@@ -1,15 +1,26 @@
 """Drops on disk: drop ids, the data files a drop holds, and the fingerprint of their content.
 
-A data file is one whose suffix is in the readers table (`readers.READERS`), optionally gzipped.
+A data file is one whose suffix is in the readers table (`readers.READERS`), optionally gzipped. A drop
+is named by paths, each a file or a directory, local or an fsspec URL, or `hf://datasets/ORG/NAME`:
+
+- a directory holds the data files anywhere under it (sharded Parquet, Hive-style `split=train/`
+  partitions, ...) except hidden or `_`-prefixed ones (`_SUCCESS`, `.crc`, `_temporary/`, `_delta_log/`);
+- a directory written by Hugging Face `datasets`' `save_to_disk` (it holds `state.json`) is the Arrow
+  files its `state.json` lists, in that order, and nothing else; one written by `DatasetDict.save_to_disk`
+  (`dataset_dict.json`) is every split it lists;
+- `hf://datasets/ORG/NAME[@REVISION][/PATH]` (huggingface_hub's URLs) is that dataset's snapshot in the
+  local Hugging Face cache (HF_HOME, HF_HUB_CACHE), read like a local directory. sftflow never downloads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import fsspec
 
@@ -30,18 +41,21 @@ def check_drop_id(drop_id: str) -> str:
 
 
 def default_drop_id(paths: list[str], fingerprint: str) -> str:
+    """The first path's name (an hf:// dataset's ORG-NAME) and the start of the content's fingerprint."""
     name = Path(paths[0].rstrip("/")).name
+    if paths[0].startswith(HF_SCHEME):
+        name = parse_hub_url(paths[0]).repo_id.replace("/", "-")
     for suffix in (".gz", *SUPPORTED_SUFFIXES):
         name = name.removesuffix(suffix)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-_") or "drop"
     return f"{stem[:100]}-{fingerprint[:12]}"
 
 
-def refuse_escaping_links(path: Path) -> None:
+def refuse_escaping_links(path: Path, root: Path | None = None) -> None:
     """A local drop must not lead outside itself: a symlink (to a file or a directory) whose target is
-    outside the drop directory is refused, never followed. A file named directly counts its own
-    directory as the drop."""
-    root = (path if path.is_dir() else path.parent).resolve()
+    outside the drop directory (or `root`) is refused, never followed. A file named directly counts its
+    own directory as the drop."""
+    root = (root or (path if path.is_dir() else path.parent)).resolve()
     candidates = [path] if not path.is_dir() else []
     if path.is_dir():
         for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
@@ -55,37 +69,193 @@ def refuse_escaping_links(path: Path) -> None:
 
 
 def list_drop_files(paths: list[str]) -> list[str]:
-    """Expand each PATH (file or directory, local or fsspec URL) to the data files it holds, sorted.
+    """Expand each PATH (file or directory, local or fsspec URL, or hf:// dataset) to the data files it
+    holds: a directory's sorted, a save_to_disk dataset's in the order of its `state.json`.
 
-    In a directory, files with an unsupported suffix, hidden files and markers such as `_SUCCESS`
-    are skipped; a file named explicitly must have a supported suffix.
+    In a directory, files with an unsupported suffix and anything under a hidden or `_`-prefixed name
+    (markers such as `_SUCCESS`, `_temporary/`) are skipped; a file named explicitly must have a
+    supported suffix and must not be a save_to_disk dataset's metadata.
     """
     files: list[str] = []
     for path in paths:
+        if path.startswith(HF_SCHEME):
+            target, repo_dir = hub_dataset_path(path)
+            refuse_escaping_links(target, root=repo_dir)  # the snapshot's files link to the repo's blobs
+            files.extend(_files_at(fsspec.filesystem("file"), str(target), "", path))
+            continue
         fs, fs_path = fsspec.core.url_to_fs(path)
         if not fs.exists(fs_path):
             raise DropError(f"{path}: no such file or directory; pass a file or a directory of data files")
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
         if prefix == "":
-            refuse_escaping_links(Path(fs_path))
-        if fs.isdir(fs_path):
-            found = sorted(
-                p
-                for p in fs.find(fs_path)
-                if file_suffix(p) in SUPPORTED_SUFFIXES and not Path(p).name.startswith((".", "_"))
-            )
-            files.extend(prefix + p for p in found)
-        elif file_suffix(fs_path) in SUPPORTED_SUFFIXES:
-            files.append(prefix + fs_path)
-        else:
-            raise DropError(
-                f"{path}: unsupported file type; rename it or convert it to one of "
-                f"{', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)"
-            )
+            refuse_escaping_links(Path(fs_path), root=hub_repo_dir(Path(fs_path)))
+        files.extend(_files_at(fs, fs_path, prefix, path))
     if not files:
         raise DropError(f"{', '.join(paths)}: no data files ({', '.join(SUPPORTED_SUFFIXES)}, optionally .gz) found")
     return files
+
+
+def _files_at(fs: fsspec.AbstractFileSystem, fs_path: str, prefix: str, shown: str) -> list[str]:
+    """The data files at one path of `fs`: a directory's (see `_directory_files`), or the file itself."""
+    if fs.isdir(fs_path):
+        return [prefix + p for p in _directory_files(fs, fs_path.rstrip("/") or fs_path)]
+    folder, name = _split(fs_path)
+    if name in SAVED_METADATA or (name == SAVED_INFO and fs.exists(f"{folder}/{SAVED_STATE}")):
+        raise DropError(f"{shown}: metadata of a Hugging Face save_to_disk dataset, not data; "
+                        f"pass its directory ({prefix}{folder}) instead")
+    if file_suffix(fs_path) not in SUPPORTED_SUFFIXES:
+        raise DropError(
+            f"{shown}: unsupported file type; rename it or convert it to one of "
+            f"{', '.join(SUPPORTED_SUFFIXES)} (optionally .gz)"
+        )
+    return [prefix + fs_path]
+
+
+# --------------------------------------------------------------------------- directories of data files
+
+# What `datasets`' save_to_disk writes beside the Arrow files: a directory holding SAVED_STATE is a
+# dataset, one holding SAVED_DICT a DatasetDict (a dataset per split, in subdirectories).
+SAVED_STATE, SAVED_INFO, SAVED_DICT = "state.json", "dataset_info.json", "dataset_dict.json"
+SAVED_METADATA = (SAVED_STATE, SAVED_DICT)
+
+
+def _split(path: str) -> tuple[str, str]:
+    folder, _, name = path.rpartition("/")
+    return folder, name
+
+
+def _directory_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Every data file under `root`, sorted; a save_to_disk dataset's files come as its state.json lists
+    them, at the place of its directory. Anything under a hidden or `_`-prefixed name (relative to root)
+    is skipped: markers (`_SUCCESS`), checksums (`.x.crc`), Spark's `_temporary/`, Delta's `_delta_log/`."""
+    found = [
+        p for p in fs.find(root)
+        if not any(part.startswith((".", "_")) for part in p[len(root):].strip("/").split("/"))
+    ]
+    names = set(found)
+    saved: dict[str, list[str]] = {}  # a save_to_disk directory -> its data files, in order
+    for marker in sorted(p for p in found if _split(p)[1] == SAVED_DICT):
+        folder = _split(marker)[0]
+        splits = _read_json(fs, marker).get("splits")
+        if not isinstance(splits, list) or not all(isinstance(s, str) and s and "/" not in s and s != ".."
+                                                   for s in splits):
+            raise DropError(f"{marker}: no \"splits\" list of split names (what DatasetDict.save_to_disk writes); "
+                            "save the DatasetDict again, or remove dataset_dict.json if the directory is not one")
+        saved[folder] = [f for split in splits for f in _saved_dataset_files(fs, f"{folder}/{split}", names)]
+    for marker in sorted(p for p in found if _split(p)[1] == SAVED_STATE):
+        folder = _split(marker)[0]
+        if not any(folder == d or folder.startswith(d + "/") for d in saved):  # not a split read above
+            saved[folder] = _saved_dataset_files(fs, folder, names)
+    blocks = [(folder + "/", files) for folder, files in saved.items()]
+    blocks += [
+        (p, [p]) for p in found
+        if file_suffix(p) in SUPPORTED_SUFFIXES and not any(p.startswith(d + "/") for d in saved)
+    ]
+    return [p for _key, files in sorted(blocks) for p in files]
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict:
+    try:
+        value = json.loads(fs.cat_file(path))
+    except (OSError, ValueError) as exc:
+        raise DropError(f"{path}: not readable JSON ({str(exc).splitlines()[0][:200]}); save the dataset again "
+                        "with save_to_disk") from exc
+    return value if isinstance(value, dict) else {}
+
+
+def _saved_dataset_files(fs: fsspec.AbstractFileSystem, folder: str, names: set[str]) -> list[str]:
+    """The Arrow files of a save_to_disk directory, as its state.json's `_data_files` lists them: a stray
+    file beside them (an old cache file) is not data; a listed file that is missing is a DropError."""
+    state = f"{folder}/{SAVED_STATE}"
+    if state not in names:
+        raise DropError(f"{folder}: a split listed in {_split(folder)[0]}/{SAVED_DICT} without its {SAVED_STATE}; "
+                        "save the DatasetDict again with save_to_disk, or copy the whole directory")
+    entries = _read_json(fs, state).get("_data_files")
+    listed = [e.get("filename") if isinstance(e, dict) else None for e in entries or []] \
+        if isinstance(entries, list) else None
+    if not listed or not all(isinstance(n, str) and n and "/" not in n and n != ".." for n in listed):
+        raise DropError(f"{state}: no \"_data_files\" list of file names (what datasets' save_to_disk writes); a "
+                        "directory holding state.json is read as a save_to_disk dataset: save it again, or "
+                        "rename state.json if it holds records")
+    for name in listed:
+        if f"{folder}/{name}" not in names:
+            raise DropError(f"{state}: lists {name}, which is not in {folder}; the save_to_disk directory is "
+                            "incomplete: copy the missing file or save the dataset again")
+        if file_suffix(name) not in SUPPORTED_SUFFIXES:
+            raise DropError(f"{state}: lists {name}, not an Arrow file; save the dataset again with save_to_disk")
+    return [f"{folder}/{name}" for name in listed]
+
+
+# ------------------------------------------------------------------------- hf:// datasets, offline
+
+HF_SCHEME = "hf://"
+# huggingface_hub's HfFileSystem URLs of datasets; a revision with a '/' is written %2F (refs%2Fconvert%2Fparquet)
+HF_DATASET_URL = re.compile(
+    r"hf://datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^/]+))?(?:/(?P<path>.*))?"
+)
+
+
+@dataclass(frozen=True)
+class HubDatasetURL:
+    """An hf://datasets/ORG/NAME[@REVISION][/PATH] URL, parsed."""
+
+    repo_id: str
+    revision: str | None
+    path: str  # inside the repository; "" for all of it
+
+
+def parse_hub_url(url: str) -> HubDatasetURL:
+    match = HF_DATASET_URL.fullmatch(url)
+    path = (match["path"] or "").strip("/") if match else ""
+    if not match or ".." in match["repo"] or ".." in path.split("/"):
+        raise DropError(f"{url}: not a Hugging Face dataset URL; write hf://datasets/ORG/NAME, optionally with "
+                        "@REVISION and a path inside it (hf://datasets/ORG/NAME@main/data/train.parquet)")
+    revision = unquote(match["revision"]) if match["revision"] else None
+    # the cache looks a branch or tag up as a file under refs/: a revision must not lead out of there
+    if revision is not None and any(part in ("", ".", "..") for part in revision.split("/")):
+        raise DropError(f"{url}: {revision!r} is not a branch, tag or commit; write hf://datasets/ORG/NAME@REVISION "
+                        "(e.g. @main, or @refs%2Fconvert%2Fparquet for refs/convert/parquet)")
+    return HubDatasetURL(match["repo"], revision, path)
+
+
+def hub_repo_dir(path: Path) -> Path | None:
+    """The dataset's directory in a Hugging Face cache (`datasets--ORG--NAME`) when `path` is in one of its
+    snapshots, whose files are links to the directory's blobs; else None."""
+    for folder in [path.absolute(), *path.absolute().parents]:
+        if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("datasets--"):
+            return folder.parent.parent
+    return None
+
+
+def hub_dataset_path(url: str) -> tuple[Path, Path]:
+    """The local path an hf:// dataset URL names in the Hugging Face cache, and the dataset's cache
+    directory (whose blobs the snapshot links to). Offline: never downloads, never touches the network."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    ref = parse_hub_url(url)
+    at = f" --revision {ref.revision}" if ref.revision else ""
+    try:
+        snapshot = Path(snapshot_download(ref.repo_id, repo_type="dataset", revision=ref.revision,
+                                          local_files_only=True))
+    except LocalEntryNotFoundError as exc:
+        raise DropError(
+            f"{url}: dataset {ref.repo_id}{'@' + ref.revision if ref.revision else ''} is not (completely) in the "
+            f"Hugging Face cache {constants.HF_HUB_CACHE} and sftflow never downloads; run `hf download "
+            f"--repo-type dataset {ref.repo_id}{at}` on a machine with internet and copy its cache here, set "
+            "HF_HOME (or HF_HUB_CACHE) to the cache that holds it, or pass a local path"
+        ) from exc
+    except ValueError as exc:  # huggingface_hub's HFValidationError: not a valid repo id or revision
+        raise DropError(f"{url}: {str(exc).splitlines()[0][:200]}; write hf://datasets/ORG/NAME[@REVISION]") from exc
+    except OSError as exc:
+        raise DropError(f"{url}: the Hugging Face cache {constants.HF_HUB_CACHE} could not be read "
+                        f"({str(exc).splitlines()[0][:200]}); check its permissions, or pass a local path") from exc
+    target = snapshot / ref.path if ref.path else snapshot
+    if not target.exists():
+        raise DropError(f"{url}: no {ref.path} in the cached snapshot {snapshot}; check the path inside the dataset, "
+                        f"or download it again (hf download --repo-type dataset {ref.repo_id}{at})")
+    return target, snapshot.parent.parent
 
 
 def fingerprint_files(files: list[str]) -> str:

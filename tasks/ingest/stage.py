@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from foundation import staging
 from schemas.config import IngestConfig
 from schemas.tables import QUARANTINE_SCHEMA, STAGED_SCHEMA
+from tasks.ingest.descriptor import Descriptor, file_format, record_mapper
 from tasks.ingest.formats import (
     UNKNOWN_FORMAT_DETAIL,
     CanonicalRow,
@@ -101,9 +102,20 @@ def stage_records(
     return counts
 
 
-def _records_with_format(url: str, fmt_option: str, batch_rows: int) -> tuple[str | None, Iterator[RawRecord]]:
-    """The file's format (the option, or the one detected from its first records) and all its records."""
+def _mapped_records(records: Iterator[RawRecord], descriptor: Descriptor) -> Iterator[RawRecord]:
+    """The records with the descriptor's field names, turn keys and roles; the raw text stays the source's."""
+    apply = record_mapper(descriptor)
+    for rec in records:
+        yield rec if rec.reasons else rec._replace(value=apply(rec.value))
+
+
+def _records_with_format(url: str, fmt_option: str, batch_rows: int,
+                         descriptor: Descriptor | None = None) -> tuple[str | None, Iterator[RawRecord]]:
+    """The file's format (the option, or the one detected from its first records) and all its records,
+    mapped by the file's descriptor (if it has one) before detection."""
     records = iter_file_records(url, batch_rows)
+    if descriptor is not None:
+        records = _mapped_records(records, descriptor)
     if fmt_option != "auto":
         return fmt_option, records
     head: list[RawRecord] = []
@@ -120,8 +132,10 @@ def _records_with_format(url: str, fmt_option: str, batch_rows: int) -> tuple[st
     return fmt, chained()
 
 
-def stage_file(index: int, url: str, drop_id: str, config: IngestConfig, staging_dir: Path) -> dict:
-    """Read one file into its own staging tables; returns its counts and their paths."""
+def stage_file(index: int, url: str, drop_id: str, config: IngestConfig, staging_dir: Path,
+               descriptor: Descriptor | None = None) -> dict:
+    """Read one file (mapped by its descriptor, if any) into its own staging tables; returns its counts and
+    their paths."""
     staged_path, quarantine_path = staging_dir / f"normalized-{index:05d}.arrow", staging_dir / f"quarantine-{index:05d}.arrow"
     staged = _BatchWriter(staged_path, STAGED_SCHEMA, config.batch_rows)
     quarantine = _BatchWriter(quarantine_path, QUARANTINE_SCHEMA, config.batch_rows)
@@ -130,7 +144,8 @@ def stage_file(index: int, url: str, drop_id: str, config: IngestConfig, staging
     gc_threshold = gc.get_threshold()
     gc.set_threshold(200_000, 50, 100)
     try:
-        fmt, records = _records_with_format(url, config.format, config.batch_rows)
+        fmt, records = _records_with_format(url, file_format(config.format, descriptor), config.batch_rows,
+                                            descriptor)
         counts = stage_records(url, records, fmt, drop_id, staged, quarantine)
     finally:
         gc.set_threshold(*gc_threshold)
@@ -155,16 +170,21 @@ def _parallel_map(fn, *args_lists) -> list:
 
 
 @task(cache_policy=NO_CACHE)
-def read_drop(files: list[str], drop_id: str, config: IngestConfig, staging_dir: Path) -> StagedDrop:
+def read_drop(files: list[str], drop_id: str, config: IngestConfig, staging_dir: Path,
+              descriptors: dict[str, Descriptor] | None = None) -> StagedDrop:
     """Read every file of the drop (files in parallel), normalise records, stage rows and quarantine.
+    `descriptors` maps a file to the descriptor entry its records are mapped by (`descriptor.find_mapped_drop`).
 
     Raises ConfigError, before reading anything, when `config.format` is neither `auto` nor a format
-    of `formats.FORMATS`."""
+    of `formats.FORMATS`, or contradicts a descriptor's format."""
     check_format(config.format)
+    per_file = [(descriptors or {}).get(url) for url in files]
+    for descriptor in per_file:
+        file_format(config.format, descriptor)
     logger = get_run_logger()
     staging_dir.mkdir(parents=True, exist_ok=True)
     n = len(files)
-    outcomes = _parallel_map(stage_file, range(n), files, [drop_id] * n, [config] * n, [staging_dir] * n)
+    outcomes = _parallel_map(stage_file, range(n), files, [drop_id] * n, [config] * n, [staging_dir] * n, per_file)
     result = StagedDrop(drop_id=drop_id)
     for outcome in outcomes:
         counts = outcome["counts"]

@@ -14,14 +14,17 @@ from tests.conftest import ROOT
 
 @pytest.mark.parametrize("schema", [CANONICAL_SCHEMA, STAGED_SCHEMA, QUARANTINE_SCHEMA, DUPLICATE_SCHEMA])
 def test_every_table_schema_is_versioned(schema):
-    assert schema.metadata[b"schema_version"].endswith(b"/1")
+    name, _, version = schema.metadata[b"schema_version"].decode().partition("/")
+    assert name.endswith("-row") and version.isdigit()
 
 
 def test_staged_rows_are_canonical_rows_plus_raw():
     assert STAGED_SCHEMA.names == CANONICAL_SCHEMA.names + ["raw"]
-    assert CANONICAL_SCHEMA.field("messages").type == pa.list_(
-        pa.struct([pa.field("role", pa.string(), False), pa.field("content", pa.string(), False)])
-    )
+    assert STAGED_SCHEMA.metadata[b"schema_version"] == b"staged-row/2"  # its messages are canonical-row/2's
+    assert CANONICAL_SCHEMA.metadata[b"schema_version"] == b"canonical-row/2"
+    assert CANONICAL_SCHEMA.field("messages").type == pa.list_(pa.struct([
+        pa.field("role", pa.string(), False), pa.field("content", pa.string(), False),
+        pa.field("weight", pa.float32()), pa.field("tool_calls", pa.string()), pa.field("reasoning", pa.string())]))
 
 
 def test_ingest_config_forbids_unknown_keys_and_checks_ranges():

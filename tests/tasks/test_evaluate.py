@@ -48,10 +48,19 @@ def test_a_metric_added_to_the_table_shows_in_the_scores(monkeypatch):
 
 
 def test_sample_is_fixed_by_seed_and_independent_of_row_order():
-    rows = [{"id": f"{i:03d}"} for i in range(50)]
+    answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    rows = [{"id": f"{i:03d}", "messages": answer} for i in range(50)]
     assert sample_rows(rows, 10, 0) == sample_rows(list(reversed(rows)), 10, 0)
     assert sample_rows(rows, 10, 0) != sample_rows(rows, 10, 1)
     assert len(sample_rows(rows, 100, 0)) == 50
+
+
+def test_rows_without_an_answer_to_compare_are_left_out_of_the_sample():
+    answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    calls_only = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": "[]"}]
+    rows = [{"id": "a", "messages": answer}, {"id": "b", "messages": [{"role": "text", "content": "A document."}]},
+            {"id": "c", "messages": calls_only}]
+    assert [r["id"] for r in sample_rows(rows, 10, 0)] == ["a"]
 
 
 def test_prompt_is_everything_before_the_last_assistant_turn():

@@ -94,7 +94,7 @@ def test_csv_cell_with_json_messages_normalises():
     data = "messages\n" + '"' + json.dumps(messages).replace('"', '""') + '"\n'
     (record,) = read_csv(io.BytesIO(data.encode()))
     row = normalize_record(record.value, "openai")
-    assert isinstance(row, CanonicalRow) and row.messages == [(m["role"], m["content"]) for m in messages]
+    assert isinstance(row, CanonicalRow) and [m[:2] for m in row.messages] == [(m["role"], m["content"]) for m in messages]
 
 
 def test_parquet_and_gzip_through_fsspec(tmp_path):
@@ -165,7 +165,7 @@ def test_alpaca_with_system_history_and_input():
         },
         "alpaca",
     )
-    assert row.messages == [
+    assert [m[:2] for m in row.messages] == [
         ("system", "Be terse."),
         ("user", "hi"),
         ("assistant", "hello"),
@@ -196,7 +196,10 @@ def test_sharegpt_roles_tools_and_observation():
         },
         "sharegpt",
     )
-    assert [role for role, _ in row.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert [m[0] for m in row.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    # ShareGPT's function_call turn is the assistant's structured call, its value parsed (not kept as text)
+    assert row.messages[2][1] == "" and json.loads(row.messages[2][3]) == [
+        {"type": "function", "function": {"name": "get_time", "arguments": {}}}]
     assert json.loads(row.tools) == tools
 
 
@@ -220,16 +223,19 @@ def test_openai_content_parts_tool_calls_and_developer_role():
         },
         "openai",
     )
-    assert row.messages[0] == ("system", "Rules.")
-    assert row.messages[1] == ("user", "part one\ntwo")
-    assert json.loads(row.messages[2][1])[0]["function"]["name"] == "f"
+    assert row.messages[0][:2] == ("system", "Rules.")
+    assert row.messages[1][:2] == ("user", "part one\ntwo")
+    # a turn that only calls tools: no text, the calls in OpenAI's shape with their arguments parsed
+    assert row.messages[2][:2] == ("assistant", "")
+    assert json.loads(row.messages[2][3]) == [{"type": "function", "function": {"name": "f", "arguments": {}}}]
 
 
 def test_openai_image_part_is_unsupported():
     rejection = normalize_record(
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "openai"
     )
-    assert rejection.reasons == ("unsupported_content",)
+    assert rejection.reasons == ("unsupported_content:image_url",)
+    assert "messages[0].content[0] is a part of type 'image_url'" in rejection.details
 
 
 def test_prompt_completion_plain_and_conversational():
@@ -264,14 +270,15 @@ def test_detect_format_by_majority():
     assert detect_format([{"conversations": []}]) == "sharegpt"
     assert detect_format([{"instruction": "a", "output": "b"}]) == "alpaca"
     assert detect_format([{"prompt": "a", "completion": "b"}]) == "prompt_completion"
-    assert detect_format([{"text": "a"}, 3]) is None
+    assert detect_format([{"text": "a"}, 3]) == "text"
+    assert detect_format([{"body": "a"}, 3]) is None
 
 
 def test_row_id_depends_on_content_roles_and_tools_only():
-    messages = [("user", "a"), ("assistant", "b")]
+    messages = [("user", "a", None, None, None), ("assistant", "b", None, None, None)]
     assert row_id(messages, None) == row_id([tuple(m) for m in messages], None)
     assert row_id(messages, None) != row_id(messages, "[]")
-    swapped = [("assistant", "a"), ("user", "b")]
+    swapped = [("assistant", "a", None, None, None), ("user", "b", None, None, None)]
     assert row_id(messages, None) != row_id(swapped, None)
     assert len(row_id(messages, None)) == 64 and orjson.loads(orjson.dumps(row_id(messages, None)))
 

@@ -34,7 +34,12 @@ MINIMAL_RECORDS = {
     "sharegpt": {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
     "alpaca": {"instruction": "2+2?", "input": "", "output": "4"},
     "prompt_completion": {"prompt": "2+2?", "completion": "4"},
+    "preference": {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+    "text": {"text": "2+2 is 4."},
 }
+# What each minimal record becomes: (role, content) of its messages
+EXPECTED_TURNS = {name: [("user", "2+2?"), ("assistant", "4")] for name in MINIMAL_RECORDS} | {
+    "text": [("text", "2+2 is 4.")]}
 CHOICES = ", ".join(("auto", *FORMAT_NAMES))
 
 
@@ -51,16 +56,18 @@ def test_every_format_detects_and_normalises_its_own_record(fmt):
     assert detect_format([record, {"unrelated": 1}, "not an object"]) == fmt.name
     row = normalize_record(record, fmt.name)
     assert isinstance(row, CanonicalRow), row
-    assert row.messages == [("user", "2+2?"), ("assistant", "4")]
+    assert [m[:2] for m in row.messages] == EXPECTED_TURNS[fmt.name]
+    assert all(m[2:] == (None, None, None) for m in row.messages)  # no weight, tool calls or reasoning given
     assert row.tools is None and len(row.id) == 64
 
 
 def test_detection_follows_the_order_of_the_table():
-    assert FORMAT_NAMES == ("openai", "sharegpt", "alpaca", "prompt_completion")
+    assert FORMAT_NAMES == ("preference", "openai", "sharegpt", "alpaca", "prompt_completion", "text")
     every_field = {key: value for record in MINIMAL_RECORDS.values() for key, value in record.items()}
-    assert record_format(every_field) == "openai"
+    assert record_format(every_field) == "preference"
+    assert record_format({**MINIMAL_RECORDS["openai"], **MINIMAL_RECORDS["text"]}) == "openai"
     assert record_format({**MINIMAL_RECORDS["alpaca"], **MINIMAL_RECORDS["prompt_completion"]}) == "alpaca"
-    assert record_format({"text": "no format's fields"}) is None and record_format(["a list"]) is None
+    assert record_format({"body": "no format's fields"}) is None and record_format(["a list"]) is None
 
 
 @pytest.mark.parametrize("fmt", [fmt for fmt in FORMATS if fmt.rejects_other_formats], ids=lambda fmt: fmt.name)
@@ -93,7 +100,7 @@ def test_check_format_rejects_another_name_naming_the_choices(name):
 def test_read_drop_checks_the_format_before_reading(tmp_path):
     from tasks.ingest.stage import read_drop
 
-    with pytest.raises(ConfigError, match="choose from auto, openai"):
+    with pytest.raises(ConfigError, match="choose from auto, preference, openai"):
         read_drop.fn(["never-read.jsonl"], "drop", IngestConfig(format="xml"), tmp_path / "staging")
     assert not (tmp_path / "staging").exists()
 
@@ -111,9 +118,14 @@ def test_formats_import_neither_prefect_nor_pyarrow():
 
 def _one_record_file(suffix: str) -> bytes:
     """A file of the given type holding the record {"prompt": "p", "completion": "c"}; a new reader adds its own."""
+    table = pa.Table.from_pylist([{"prompt": "p", "completion": "c"}])
+    sink = pa.BufferOutputStream()
     if suffix == ".parquet":
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist([{"prompt": "p", "completion": "c"}]), sink)
+        pq.write_table(table, sink)
+        return sink.getvalue().to_pybytes()
+    if suffix in (".arrow", ".feather"):  # Arrow IPC: the stream format (as `datasets` writes it), the file format
+        with (pa.ipc.new_stream if suffix == ".arrow" else pa.ipc.new_file)(sink, table.schema) as writer:
+            writer.write_table(table)
         return sink.getvalue().to_pybytes()
     return {
         ".jsonl": b'{"prompt": "p", "completion": "c"}\n',

@@ -17,16 +17,18 @@ from typing import Any, NamedTuple
 import orjson
 
 from foundation.errors import ConfigError
-from tasks.ingest.formats import alpaca, openai, prompt_completion, sharegpt
-from tasks.ingest.formats.messages import Message, Problems, maybe_json
+from tasks.ingest.formats import alpaca, openai, preference, prompt_completion, sharegpt, text
+from tasks.ingest.formats.messages import Message, Problems, maybe_json, media_problems
 from tasks.ingest.formats.row import Format
 from tasks.ingest.nesting import TOO_DEEP, TOO_DEEP_DETAIL
 
 FORMATS: tuple[Format, ...] = (
+    preference.FORMAT,  # chosen (and rejected): the chosen conversation
     openai.FORMAT,  # messages
     sharegpt.FORMAT,  # conversations
     alpaca.FORMAT,  # instruction, or output with input
     prompt_completion.FORMAT,  # prompt or completion
+    text.FORMAT,  # text: a document trained on every token
 )
 FORMAT_NAMES = tuple(fmt.name for fmt in FORMATS)
 _BY_NAME = {fmt.name: fmt for fmt in FORMATS}
@@ -34,7 +36,8 @@ _BY_NAME = {fmt.name: fmt for fmt in FORMATS}
 # Why a file none of whose sampled records has a known format's fields is quarantined whole.
 UNKNOWN_FORMAT_DETAIL = (
     "no record in the file has the fields of a known format (messages, conversations, "
-    "instruction/output, prompt/completion); pass --format or fix the field names"
+    "instruction/output, prompt/completion, chosen/rejected, text); map its columns with a drop.yaml "
+    "(columns: {instruction: <your question column>, output: <your answer column>}) or --map"
 )
 
 
@@ -91,8 +94,11 @@ def _tools_json(tools: Any, problems: Problems) -> str | None:
 
 
 def row_id(messages: list[Message], tools: str | None) -> str:
-    """sha256 of the normalised conversation: equal conversations (and tools) get equal ids."""
-    payload = orjson.dumps([*messages, tools])
+    """sha256 of the normalised conversation: equal conversations (and tools) get equal ids. A message
+    with no weight, tool calls or reasoning hashes as (role, content), as in canonical-row/1, so rows
+    ingested before those fields existed keep their ids (and deduplicate against new drops)."""
+    payload = orjson.dumps([m if m[2] is not None or m[3] is not None or m[4] is not None else m[:2]
+                            for m in messages] + [tools])
     return hashlib.sha256(payload).hexdigest()
 
 
@@ -110,8 +116,13 @@ def normalize_record(value: Any, fmt: str) -> CanonicalRow | Rejection:
                 "split mixed files by format or pass --format",
             )
     problems = Problems()
+    media_problems(value, problems)
     messages, tools = file_format.normalise(value, problems)
     tools_json = _tools_json(tools, problems)
+    if not problems.reasons and any(m[2] is not None for m in messages) and not any(
+            m[0] == "text" or (m[2] if m[2] is not None else m[0] == "assistant") for m in messages):
+        problems.add("no_trained_turn", "every assistant turn has weight 0 (loss_weight / weight / train), so the row "
+                     "teaches nothing; give the turn to learn weight 1, or remove the row")
     if problems.reasons:
         return Rejection(tuple(problems.reasons), "; ".join(problems.details))
     try:

@@ -1,11 +1,12 @@
 """Alpaca: {"instruction": ..., "input": ..., "output": ...}, with optional "system", "history" (earlier
-[instruction, response] pairs) and "tools". A non-empty input is appended to the instruction."""
+[instruction, response] pairs) and "tools". A non-empty input is appended to the instruction; a row whose
+instruction is empty and whose input holds the question (as many exported files have it) is that input."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tasks.ingest.formats.messages import Message, Problems, maybe_json, string_field, system_messages
+from tasks.ingest.formats.messages import Message, Problems, maybe_json, message, string_field, system_messages
 from tasks.ingest.formats.row import Format
 
 
@@ -23,15 +24,21 @@ def normalise(record: dict, problems: Problems) -> tuple[list[Message], Any]:
             problems.add("wrong_type:history", "field 'history' must be a list of [instruction, response] string pairs")
         else:
             for user, assistant in history:
-                messages += [("user", user), ("assistant", assistant)]
-    instruction = string_field(record, "instruction", problems, required=True)
+                messages += [message("user", user), message("assistant", assistant)]
     extra_input = string_field(record, "input", problems, required=False)
-    output = string_field(record, "output", problems, required=True)
-    if instruction is not None:
+    instruction = record.get("instruction")
+    if isinstance(instruction, str) and instruction.strip():
         user = f"{instruction}\n{extra_input}" if extra_input else instruction
-        messages.append(("user", user))
+    elif (instruction is None or isinstance(instruction, str)) and extra_input and extra_input.strip():
+        user = extra_input  # no instruction: the question is in the input
+    else:
+        string_field(record, "instruction", problems, required=True)  # notes what is wrong with it
+        user = None
+    output = string_field(record, "output", problems, required=True)
+    if user is not None:
+        messages.append(message("user", user))
     if output is not None:
-        messages.append(("assistant", output))
+        messages.append(message("assistant", output))
     return messages, record.get("tools")
 
 

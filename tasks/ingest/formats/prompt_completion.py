@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.ingest.formats.messages import Message, Problems, maybe_json, system_messages, turn_messages
+from tasks.ingest.formats.messages import Message, Problems, maybe_json, message, system_messages, turn_messages
 from tasks.ingest.formats.row import Format
 
 
@@ -24,7 +24,7 @@ def normalise(record: dict, problems: Problems) -> tuple[list[Message], Any]:
         elif not isinstance(value, str):
             problems.add(f"wrong_type:{key}", f"field {key!r} is {type(value).__name__}, expected a string or a list of messages")
         else:
-            messages.append((role, value))
+            messages.append(message(role, value))
     return messages, record.get("tools")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import fsspec
 
+from tasks.ingest.readers.arrow_file import read_arrow
 from tasks.ingest.readers.csv_file import read_csv
 from tasks.ingest.readers.json_file import read_json
 from tasks.ingest.readers.jsonl import read_jsonl
@@ -21,13 +22,15 @@ from tasks.ingest.readers.raw import RawRecord
 
 __all__ = ["READERS", "SUPPORTED_SUFFIXES", "RawRecord", "file_suffix", "iter_file_records"]
 
-# A reader takes the open file and the rows per batch; only Parquet reads in batches, the others
-# stream one record at a time.
+# A reader takes the open file and the rows per batch; Parquet and Arrow IPC read in batches, the
+# others stream one record at a time.
 READERS: dict[str, Callable[[io.BufferedIOBase, int], Iterator[RawRecord]]] = {
     ".jsonl": lambda fh, batch_rows: read_jsonl(fh),
     ".json": lambda fh, batch_rows: read_json(fh),
     ".csv": lambda fh, batch_rows: read_csv(fh),
     ".parquet": read_parquet,
+    ".arrow": read_arrow,
+    ".feather": read_arrow,
 }
 
 SUPPORTED_SUFFIXES = tuple(READERS)
