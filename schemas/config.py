@@ -6,11 +6,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from foundation.credentials import redact_url, remember_url
 from foundation.errors import ConfigError
 from schemas.chat_templates import CHAT_TEMPLATES, is_jinja
 from schemas.metrics import PromotableMetric
@@ -65,16 +69,74 @@ class IngestConfig(StrictModel):
 Engine = Literal["auto", "unsloth", "hf"]
 
 
+def _refusal(reason: str) -> PydanticCustomError:
+    # the reason goes in as context: a value quoted in it may hold braces, which a message template would format
+    return PydanticCustomError("value_error", "{reason}", {"reason": reason})
+
+
+def _whole_number(value: Any) -> Any:
+    # pydantic's lax int takes 2048.0 and 1.0e23 (and True); a count written that way is a slip, say so
+    if isinstance(value, (bool, float)) or (isinstance(value, str) and not re.fullmatch(r"\s*[+-]?\d+\s*", value)):
+        raise _refusal(f"{value!r} is not a whole number; write digits, e.g. 2048, without a decimal point or exponent")
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+
+# Upper bounds of the sizes: far above any real run, low enough that a slip (an extra zero, 1e23) fails when the
+# config is read rather than hours later as an out-of-memory error.
+MAX_SEQ_LENGTH = 1_048_576  # tokens: beyond the context window of any model
+MAX_BATCH_SIZE = 65_536  # rows per device per micro-batch
+MAX_GRADIENT_ACCUMULATION = 65_536
+MAX_LORA_RANK = 65_536  # above the width of any model's layers, where a higher rank adds nothing
+
+# model.name is told apart by its shape; which of a directory or a Hub repository it names is decided when the
+# run starts, on the worker (tasks.base_model.resolve_model). The Hub's own repo id rules: letters, digits, - _ .,
+# starting and ending with a letter, digit or _, no '--' or '..', at most 96 characters a part.
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?P<host>[^/]*)/?(?P<path>.*)")
+_LOCAL_PREFIXES = ("/", "./", "~", "\\")  # plainly a path; anything else with at most one '/' is a Hub id
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it is 'tiny', a Hub id (org/name) or a local directory path that does not climb out with '..';
+    otherwise a refusal that says what to write instead. The directory need not exist here: the config may be
+    checked on another machine than the worker that trains."""
+    fix = "use a Hub id (org/name) or point model.name at the model's directory by its absolute path"
+    if not name.strip() or name != name.strip() or any(ord(c) < 32 for c in name):
+        raise _refusal(f"{name!r} is empty or has surrounding spaces or control characters; {fix}")
+    url = _URL.fullmatch(name)
+    if url:
+        hub = "/".join(url["path"].split("/")[:2])  # huggingface.co/org/name/tree/main -> org/name
+        hint = (f"write {hub}" if url["host"].endswith("huggingface.co") and _HUB_ID.fullmatch(hub)
+                else "download it and point model.name at its directory, or use a Hub id (org/name)")
+        raise _refusal(f"{name!r} is a URL, which is not loaded; {hint}")
+    if ".." in re.split(r"[/\\]", name):
+        raise _refusal(f"{name!r} climbs out of its directory with '..'; {fix}")
+    if name.startswith(_LOCAL_PREFIXES) or name == "." or name.count("/") > 1:
+        return name
+    parts = name.split("/")
+    if not _HUB_ID.fullmatch(name) or any("--" in p or ".." in p for p in parts):
+        raise _refusal(
+            f"{name!r} is not a Hub id (org/name: letters, digits, - _ . and no '--' or '..'); fix the id, or write a "
+            f"local directory as ./{name} or an absolute path"
+        )
+    return name
+
+
 class ModelConfig(StrictModel):
     """The base model."""
 
     name: str = Field(
-        description="A Hugging Face hub id, a local model directory, or 'tiny' for the small Llama model sftflow "
-        "builds locally (tests and the demo; no download)."
+        description="A Hugging Face hub id (org/name), a local model directory (an absolute path, or relative as "
+        "./dir; no '..' and no URLs), or 'tiny' for the small Llama model sftflow builds locally (tests and the "
+        "demo; no download)."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when name is a hub id.")
     trust_remote_code: bool = Field(
-        False, description="Allow a model directory's own Python code to run. Off: such models are refused."
+        False, description="Allow a model directory's own Python code to run (warned about when the config is "
+        "validated and when a run starts). Off: such models are refused."
     )
     chat_template: str | None = Field(
         None, description="The chat format to train in, replacing the tokenizer's own (e.g. for a base model without "
@@ -94,6 +156,10 @@ class ModelConfig(StrictModel):
         "otherwise.",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _hub_id_or_directory(cls, value: str) -> str:
+        return check_model_name(value)
 
     @field_validator("chat_template")
     @classmethod
@@ -102,12 +168,21 @@ class ModelConfig(StrictModel):
             raise ValueError(f"{value!r} is neither a template name ({', '.join(CHAT_TEMPLATES)}) nor Jinja")
         return value
 
+    def warnings(self) -> list[str]:
+        """Settings that are allowed but deserve a word each time they are used."""
+        if self.trust_remote_code:
+            return ["model.trust_remote_code is true: the Python code shipped in the model's repository or directory "
+                    "will run with your permissions; review it first, or set it to false"]
+        return []
+
 
 class LoraConfig(StrictModel):
     """The LoRA adapter."""
 
-    r: int = Field(16, gt=0, description="Rank of the LoRA update matrices.")
-    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    r: WholeNumber = Field(
+        16, gt=0, le=MAX_LORA_RANK, description=f"Rank of the LoRA update matrices (at most {MAX_LORA_RANK})."
+    )
+    alpha: WholeNumber = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (Unsloth is fastest at 0).")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
@@ -123,19 +198,28 @@ class TrainConfig(StrictModel):
     """The supervised fine-tuning run."""
 
     engine: Engine = Field("auto", description="auto = unsloth when CUDA and unsloth are present, else hf.")
-    max_seq_length: int = Field(2048, gt=0, description="Longest training sequence in tokens; longer rows are truncated.")
+    max_seq_length: WholeNumber = Field(
+        2048, gt=0, le=MAX_SEQ_LENGTH,
+        description=f"Longest training sequence in tokens (at most {MAX_SEQ_LENGTH}); longer rows are truncated.",
+    )
     epochs: float | None = Field(1.0, gt=0, description="Passes over the train split (ignored when max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    max_steps: WholeNumber | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule after warmup."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_steps: WholeNumber = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optim: str = Field("adamw_torch", description="Optimizer name as in transformers (e.g. adamw_8bit on CUDA).")
-    batch_size: int = Field(8, gt=0, description="Rows (or packed sequences) per device per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    batch_size: WholeNumber = Field(
+        8, gt=0, le=MAX_BATCH_SIZE,
+        description=f"Rows (or packed sequences) per device per micro-batch (at most {MAX_BATCH_SIZE}).",
+    )
+    gradient_accumulation_steps: WholeNumber = Field(
+        1, gt=0, le=MAX_GRADIENT_ACCUMULATION,
+        description=f"Micro-batches per optimizer step (at most {MAX_GRADIENT_ACCUMULATION}).",
+    )
     num_gpus: int | Literal["auto"] = Field(
         1,
         description="GPUs of this host to train on, data-parallel (DDP through torchrun: one rank per GPU, each with "
@@ -152,14 +236,16 @@ class TrainConfig(StrictModel):
         True, description="unsloth engine, with gradient_checkpointing: keep the checkpointed activations in CPU "
         "memory (Unsloth's offloaded checkpointing) rather than on the GPU. false skips the copies to and from the "
         "host (faster when the GPU has memory to spare); the hf engine keeps them on the GPU either way.")
-    dataloader_workers: int = Field(
+    dataloader_workers: WholeNumber = Field(
         0, ge=0, le=16, description="Processes that collate the next batches while the GPU trains (0: the training "
         "process collates, and the GPU waits for it after every logging step).")
-    seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
-    logging_steps: int = Field(1, gt=0, description="Steps between progress reports (loss, learning rate).")
-    save_steps: int = Field(50, gt=0, description="Steps between checkpoints; a retried run resumes from the last.")
-    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk.")
-    eval_steps: int | None = Field(None, gt=0, description="Steps between eval-loss measurements (None: only at the end).")
+    seed: WholeNumber = Field(
+        42, ge=0, le=2**32 - 1, description="Seed for data order, LoRA init and dropout (0 to 2**32 - 1, numpy's range)."
+    )
+    logging_steps: WholeNumber = Field(1, gt=0, description="Steps between progress reports (loss, learning rate).")
+    save_steps: WholeNumber = Field(50, gt=0, description="Steps between checkpoints; a retried run resumes from the last.")
+    save_total_limit: WholeNumber = Field(2, gt=0, description="Checkpoints kept on disk.")
+    eval_steps: WholeNumber | None = Field(None, gt=0, description="Steps between eval-loss measurements (None: only at the end).")
     max_truncation_rate: float = Field(
         0.05, ge=0, le=1, description="Fail before training when more than this share of rows is truncated."
     )
@@ -216,12 +302,27 @@ class PublishConfig(StrictModel):
     """Where a published version goes besides the local registry."""
 
     remote: str | None = Field(
-        None, description="An fsspec URL (s3://bucket/models, file:///mnt/share, ...) that receives a copy of every "
-        "published version as <remote>/<name>/<version>/, manifest.json last."
+        None, repr=False,
+        description="An fsspec URL (s3://bucket/models, file:///mnt/share, ...) that receives a copy of every "
+        "published version as <remote>/<name>/<version>/, manifest.json last. Credentials in it "
+        "(https://user:token@host/...) are used when publishing from the process that loaded this config and are "
+        "written nowhere: every dump of the config shows https://***@host/...; better, give them to the filesystem "
+        "the way it reads them (FSSPEC_<PROTOCOL>_<KWARG> variables, ~/.aws/credentials, ...)."
     )
     hub_repo: str | None = Field(
         None, description="A Hugging Face Hub repo id to upload each version to, when HF_TOKEN is set (skipped otherwise)."
     )
+
+    @field_validator("remote")
+    @classmethod
+    def _remember_credentials(cls, remote: str | None) -> str | None:
+        if remote:
+            remember_url(remote)  # the real URL stays in this process's memory, for the publish
+        return remote
+
+    @field_serializer("remote")
+    def _redact_credentials(self, remote: str | None) -> str | None:
+        return redact_url(remote) if remote else remote
 
 
 class RunConfig(StrictModel):
@@ -246,6 +347,10 @@ class RunConfig(StrictModel):
             raise ValueError("model.load_in_4bit computes in 16-bit; set model.dtype to bfloat16, float16 or auto")
         return self
 
+    def warnings(self) -> list[str]:
+        """One line per accepted but risky setting; `config validate` and the start of a run print them."""
+        return self.model.warnings()
+
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
     parts = key.split(".")
@@ -258,14 +363,56 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Keys whose value may be a Jinja template. Jinja's {{ }} and {% %} are YAML flow syntax (a parse error, or a
+# mapping), and a template is never meant as YAML, so an unquoted value with them is taken as written. A value
+# that starts with a quote is read as YAML, so a quoted template (as the YAML error advice says) works too.
+TEMPLATE_KEYS = frozenset({"model.chat_template"})
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error on one line: what and where (PyYAML's own message spans several lines, with a caret)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or str(exc).splitlines()[0]}{where}"
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    text = text.encode("unicode_escape").decode()  # newlines and control characters stay on the line
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_override_value(key: str, raw: str) -> Any:
+    """The value of `key=raw`: YAML (numbers, booleans, null, lists), a template of TEMPLATE_KEYS as written."""
+    if not raw.strip():
+        return ""
+    if key in TEMPLATE_KEYS and is_jinja(raw) and raw.lstrip()[0] not in "'\"":
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(
+            f"override {key}={_shown(raw)}: not valid YAML ({_yaml_problem(exc)}); to pass it as text, quote it "
+            f"as a YAML string (\"{key}='...'\" on the command line, doubling any ' inside), or fix its syntax"
+        ) from None
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`a.b=value` pairs; values are parsed as YAML (numbers, booleans, lists), strings otherwise."""
-    parsed = []
+    """`a.b=value` pairs, values parsed by parse_override_value; ConfigError names every bad override, a line each."""
+    parsed, problems = [], []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-            raise ConfigError(f"override {item!r}: write key=value with a dotted key, e.g. train.learning_rate=1e-4")
-        parsed.append((key, yaml.safe_load(raw) if raw.strip() else ""))
+            problems.append(
+                f"override {_shown(item)!r}: write key=value with a dotted key, e.g. train.learning_rate=1e-4")
+            continue
+        try:
+            parsed.append((key, parse_override_value(key, raw)))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
     return parsed
 
 
@@ -290,8 +437,8 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)}); fix it there") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config is a YAML mapping (name:, model:, lora:, train:)")
     for key, value in parse_overrides(list(overrides)):

@@ -3,6 +3,8 @@
 Every command that produces something takes `--json` and then prints exactly one JSON object on
 stdout; logs and progress go to stderr. Bad input exits with status 2 and a message that names the
 fix; a drop rejected by its contract exits with status 1 (its report is still printed with --json).
+Status 3: `sftflow drop` landed the drop but the Prefect server did not take its announcement (the
+watcher announces it once the server answers), or `sftflow watch --once` left drops unannounced.
 """
 
 from __future__ import annotations
@@ -61,6 +63,27 @@ def _fail(exc: SftflowError) -> None:
     raise typer.Exit(1 if isinstance(exc, DropRejectedError) else 2)
 
 
+NOT_ANNOUNCED = 3  # exit status: the drop landed, its announcement did not reach the server
+
+
+def _check_drop_sources(paths: list[str], drop_id: str | None) -> None:
+    """The drop arguments' cheap checks, before the workspace and Prefect start (else a typo costs a
+    flow run and its traceback): no http(s) URL, a valid --drop-id, and local paths and hf:// datasets
+    that exist and hold data files. Other fsspec URLs are listed by the flow itself."""
+    from foundation.errors import DropError
+    from tasks.ingest.discovery import HF_SCHEME, check_drop_id, list_drop_files
+
+    for path in paths:
+        if path.lower().startswith(("http:/", "https:/")):
+            raise DropError(f"{path}: an http(s) URL is not a drop source and sftflow never downloads; download "
+                            "it first (e.g. curl -LO URL) and pass the local file or directory")
+    if drop_id is not None:
+        check_drop_id(drop_id)
+    local = [p for p in paths if p.startswith(HF_SCHEME) or "://" not in p]
+    if local:
+        list_drop_files(local)
+
+
 INGEST_KEYS = (
     "drop_id",
     "status",
@@ -103,6 +126,7 @@ def ingest(
 ) -> None:
     """Ingest a drop: read, validate (quarantining bad rows), dedup, split, write a dataset version."""
     try:
+        _check_drop_sources(list(paths), drop_id)
         check_format(format)  # before the workspace and Prefect start: a ConfigError naming the choices
         from tasks.ingest.descriptor import check_descriptor
 
@@ -161,6 +185,8 @@ def config_validate(
         config = load_run_config(file, overrides or [])
     except SftflowError as exc:
         _fail(exc)
+    for warning in config.warnings():  # on stderr: the --json object on stdout keeps its shape
+        typer.echo(f"warning: {warning}", err=True)
     resolved = config.model_dump(mode="json")
     _emit({"valid": True, "config_hash": config_hash(config), "config": resolved}, as_json,
           f"{file}: valid (config hash {config_hash(config)})")
@@ -326,6 +352,36 @@ def serve(
     os.execv(command[0], command)
 
 
+models_app = typer.Typer(help="Published models in the registry ($SFTFLOW_HOME/registry).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("verify")
+def models_verify(
+    model: Annotated[Optional[str], typer.Argument(
+        metavar="NAME[@VERSION]", help="A published model (default: the only one); VERSION defaults to the "
+        "champion, else the newest.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check every file of a published version against its manifest: its sha256, and that it lies inside the
+    version directory (ok / mismatch / missing / outside / unlisted); exit 2 when any fails."""
+    try:
+        version = Workspace.from_env().check_layout().registry.resolve(model)
+        checks = version.verify()
+    except SftflowError as exc:
+        _fail(exc)
+    name, failed = version.root.parent.name, [c for c in checks if not c.ok]
+    result = {"name": name, "version": version.version, "path": str(version.root), "ok": not failed,
+              "files": [c.dump() for c in checks]}
+    human = "\n".join([f"{name}@{version.version} ({version.root})",
+                       *(f"  {c.status:<9} {c.path}" + (f"  ({c.detail})" if c.detail else "") for c in checks)])
+    _emit(result, as_json, human)
+    if failed:
+        more = f" (and {len(failed) - 1} more above)" if len(failed) > 1 else ""
+        typer.echo(f"error: {failed[0].detail}{more}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def datasets(as_json: JsonOption = False) -> None:
     """List the dataset versions in the workspace, newest first, and which one is current."""
@@ -389,14 +445,28 @@ def pipeline(
 ) -> None:
     """Run flow sft_pipeline: ingest the given drops, then train, evaluate, export and publish if promoted."""
     try:
+        _check_drop_sources(list(drops or []), None)
         with _flow_session() as workspace:
             from flows.pipeline import sft_pipeline
 
             result = sft_pipeline(drops=list(drops or []), config=str(config_file.absolute()),
-                                  overrides=list(override or []), dataset_version=dataset, force=force)
+                                  overrides=_redacted_overrides(override or []), dataset_version=dataset, force=force)
     except SftflowError as exc:
         _fail(exc)
     _emit(result, as_json, _pipeline_summary(result, workspace))
+
+
+def _redacted_overrides(overrides: list[str]) -> list[str]:
+    """Overrides as the flow run's parameters may record them: a URL's credentials replaced by *** (this
+    process remembers the real URL, and publishing uses it: foundation.credentials)."""
+    from foundation.credentials import redact_url, remember_url
+
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        remember_url(value)
+        out.append(f"{key}{sep}{redact_url(value)}" if sep else item)
+    return out
 
 
 @app.command()
@@ -405,17 +475,36 @@ def drop(
     drop_id: Annotated[Optional[str], typer.Option(help="Name in the landing zone (default: the path's name).")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Copy a drop into the landing zone ($SFTFLOW_HOME/landing) and announce it (sftflow.drop.landed)."""
+    """Copy a drop into the landing zone ($SFTFLOW_HOME/landing) and announce it (sftflow.drop.landed).
+
+    Exit status 3 when the drop landed but the server did not take the announcement: the watcher
+    announces it once the server answers."""
+    undelivered = None
+    source = str(path).replace(":/", "://", 1) if str(path).startswith(("http:/", "https:/", "hf:/")) else str(path)
     try:
+        if source.startswith("hf://"):
+            raise ConfigError(f"{source}: sftflow drop copies local files; ingest a dataset of the Hugging Face "
+                              "cache directly: sftflow ingest hf://datasets/ORG/NAME")
+        _check_drop_sources([source], drop_id)
         with _flow_session() as workspace:
-            from tasks.landing import announce, land_drop
+            from tasks.landing import DeliveryError, announce, land_drop
 
             landed = land_drop(workspace, path, drop_id)
-            record = announce(workspace, landed) if os.environ.get("PREFECT_API_URL") else None
+            try:
+                record = announce(workspace, landed) if os.environ.get("PREFECT_API_URL") else None
+            except DeliveryError as exc:
+                record, undelivered = None, exc
     except SftflowError as exc:
         _fail(exc)
     result = {"drop_id": landed.drop_id, "path": str(landed.path), "files": len(landed.files),
               "announced": record is not None, "event_id": str(landed.event_id)}
+    if undelivered is not None:
+        if as_json:
+            _emit(result | {"error": str(undelivered)}, True, "")
+        typer.echo(f"error: drop {landed.drop_id} landed in {landed.path} but was not announced: {undelivered}; "
+                   "the watcher (`sftflow up` starts it) announces it once the server answers, or announce it "
+                   "then with: sftflow watch --once", err=True)
+        raise typer.Exit(NOT_ANNOUNCED)
     if record is not None:
         human = f"landed {landed.drop_id} in {landed.path} and announced it (event {landed.event_id})"
     elif os.environ.get("PREFECT_API_URL"):
@@ -434,23 +523,25 @@ def watch(
     once: Annotated[bool, typer.Option("--once", help="Scan once, print what was announced, and exit.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Announce each new, complete drop in the landing zone once (event sftflow.drop.landed -> ingest)."""
-    import time
+    """Announce each new, complete drop in the landing zone once (event sftflow.drop.landed -> ingest).
 
+    A bad entry is refused (its reason under landing/.refused/) and the watch goes on; while the server
+    cannot be reached, drops wait and are tried again after a growing pause (up to a minute). With
+    --once, exit status 3 when some complete drop could not be announced."""
     with _flow_session() as workspace:
-        from tasks.landing import scan_landing
+        from tasks.landing import watch_landing
 
         if not os.environ.get("PREFECT_API_URL"):
             _fail(SftflowError("no Prefect server to announce drops to: start the stack with `sftflow up` "
                                "(it runs the watcher), or set PREFECT_API_URL"))
         typer.echo(f"watching {workspace.landing_dir} every {interval:g} s (quiet period {quiet_seconds:g} s)", err=True)
-        while True:
-            result = scan_landing(workspace, quiet_seconds, log=lambda m: typer.echo(m, err=True))
-            if once:
-                break
-            time.sleep(interval)
+        result = watch_landing(workspace, interval, quiet_seconds, once=once, log=lambda m: typer.echo(m, err=True))
     _emit(result, as_json, f"announced {len(result['announced'])}, waiting {len(result['waiting'])}, "
-                           f"refused {len(result['refused'])}")
+                           f"refused {len(result['refused'])}, not announced {len(result['pending'])}")
+    if result["pending"]:
+        typer.echo(f"error: {len(result['pending'])} drop(s) not announced ({result['delivery_error']}); run "
+                   "`sftflow watch --once` again once the server answers (`sftflow status` shows it)", err=True)
+        raise typer.Exit(NOT_ANNOUNCED)
 
 
 @app.command()

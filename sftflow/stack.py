@@ -44,9 +44,27 @@ class StackError(SftflowError):
     """The local stack cannot be started or reached."""
 
 
+_WARNED_UNREADABLE: set[str] = set()
+
+
 def read_state(workspace: Workspace) -> StackState | None:
+    """What `up` recorded in stack/state.json; None when there is none, or when it cannot be read (cut
+    short, edited by hand, another version's): then every command goes on as with no stack, and one
+    warning line on stderr names the file and the fix."""
     path = workspace.stack_state
-    return StackState.read(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return StackState.read(path)
+    except (SftflowError, OSError) as exc:
+        if str(path) not in _WARNED_UNREADABLE:
+            _WARNED_UNREADABLE.add(str(path))
+            cause = exc.__cause__ if exc.__cause__ is not None else exc  # pydantic's ValidationError: what is wrong
+            reason = cause.errors()[0]["msg"] if hasattr(cause, "errors") else getattr(exc, "strerror", None) or exc
+            print(f"warning: {path} cannot be read ({str(reason).splitlines()[0][:200]}); going on as if no stack "
+                  f"was started: stop the old stack's processes by hand if any run, then delete it (rm {path})",
+                  file=sys.stderr)
+        return None
 
 
 def is_ours(proc: StackProcess, stack_id: str) -> bool:
@@ -77,8 +95,20 @@ def active_api_url(workspace: Workspace) -> str | None:
     return None
 
 
-def stack_env(workspace: Workspace, api_url: str, stack_id: str, database_url: str | None) -> dict[str, str]:
-    env = dict(os.environ)
+# Where Prefect and sftflow read a database URL (and its password) from. Only the server reads the database:
+# the workers, the watcher and the setup commands talk to its API, and a URL with a password must not sit
+# in the environment of every flow run they start.
+DATABASE_PREFIXES = ("PREFECT_API_DATABASE_", "PREFECT_SERVER_DATABASE_")
+
+
+def _is_database_var(name: str) -> bool:
+    return name == settings.DATABASE_URL or name.startswith(DATABASE_PREFIXES)
+
+
+def stack_env(workspace: Workspace, api_url: str, stack_id: str) -> dict[str, str]:
+    """The environment of what `up` starts but the server (workers, watcher, setup commands): this process's
+    own, without any database URL, and with the stack's API, workspace and stack id."""
+    env = {k: v for k, v in os.environ.items() if not _is_database_var(k)}
     env.update({
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(workspace.prefect_home),
@@ -90,9 +120,16 @@ def stack_env(workspace: Workspace, api_url: str, stack_id: str, database_url: s
         settings.STACK_ID: stack_id,
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
     })
-    if database_url:
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     return env
+
+
+def server_env(env: dict[str, str], database_url: str | None) -> dict[str, str]:
+    """The server's environment: the stack's, with the database settings of this process's environment and
+    `database_url` (--database-url / $SFTFLOW_DATABASE_URL) as Prefect's connection URL."""
+    server = env | {k: v for k, v in os.environ.items() if _is_database_var(k) and k != settings.DATABASE_URL}
+    if database_url:
+        server["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    return server
 
 
 def _spawn(name: str, command: list[str], env: dict, logs: Path) -> StackProcess:
@@ -173,7 +210,7 @@ def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database
     logs.mkdir(parents=True, exist_ok=True)
     stack_id = uuid.uuid4().hex
     api_url = f"http://{host}:{port}/api"
-    env = stack_env(workspace, api_url, stack_id, database_url)
+    env = stack_env(workspace, api_url, stack_id)
     prefect = str(BIN / "prefect")
     state = StackState(stack_id=stack_id, api_url=api_url, dashboard_url=f"http://{host}:{port}",
                        workspace=str(workspace.root), database="postgresql" if database_url else "sqlite",
@@ -185,7 +222,7 @@ def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database
     try:
         log(f"starting the Prefect server on {host}:{port}")
         state.processes["server"] = _spawn("server", [prefect, "server", "start", "--host", host, "--port",
-                                                         str(port)], env, logs)
+                                                         str(port)], server_env(env, database_url), logs)
         save()
         _wait_healthy(api_url, state.processes["server"], stack_id, timeout=180)
         for pool, limit in POOLS.items():
@@ -223,7 +260,7 @@ def restart_stopped(workspace: Workspace, state: StackState, log=print) -> dict:
     if "server" in stopped:
         raise StackError(f"the Prefect server of the stack at {state.dashboard_url} has stopped: "
                          "`sftflow down`, then `sftflow up` (the database keeps every run)")
-    env = stack_env(workspace, state.api_url, stack_id, None)  # the server alone reads the database URL
+    env = stack_env(workspace, state.api_url, stack_id)  # the server (not restarted here) alone reads the database
     for name in stopped:
         state.processes[name] = _spawn(name, state.processes[name].command, env, workspace.stack_logs)
         log(f"restarted {name} (it had stopped)")

@@ -325,6 +325,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 def resolve_model(model: ModelConfig, workspace: Workspace, log=print) -> ResolvedModel:
     """`model.name` as a local directory, once, at the start of a run: the tiny model, a local directory
     (checked), or a Hub id (resolved to a snapshot of its cache, downloaded when it is not there)."""
+    for warning in model.warnings():
+        log(f"warning: {warning}")
     if model.name == TINY_NAME:
         return ResolvedModel(str(tiny_model_dir(workspace, log)))
     path = Path(model.name).expanduser()

@@ -3,12 +3,21 @@
 The registry's layout is `foundation.stores.registry`'s. A version directory is written under a
 temporary name and renamed into place, so a reader sees a whole version or none; its manifest lists
 the sha256 of every file. The champion pointer moves only when the evaluation said promote
-(`champion_moves`). A remote (fsspec URL) and the Hugging Face Hub get a copy when configured.
+(`champion_moves`). A remote (fsspec URL) and the Hugging Face Hub get a copy when configured, of the files
+the manifest lists and only once each checks against it.
+
+Credentials in the remote's URL (`https://user:token@host/...`) are written nowhere: the run manifest holds
+the URL redacted (`https://***@host/...`), and so do the registry, the logs and the result; the real URL
+comes from the config loaded in this process (`sftflow pipeline`), or the filesystem reads its credentials
+from its own configuration (FSSPEC_<PROTOCOL>_<KWARG> variables, ~/.aws/credentials, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from foundation.artifacts import EvalReport, ExportReport, FileDigest, PublishResult, RunManifest, VersionManifest
 from foundation.atomic import sha256_of
+from foundation.credentials import real_url, redact_url, scrub, url_secrets, without_credentials
 from foundation.errors import SftflowError
 from foundation.stores.datasets import DatasetVersion
 from foundation.stores.registry import MANIFEST, RegistryStore, VersionDir, version_number
@@ -109,21 +119,57 @@ The full training config is in `run_manifest.json`; `manifest.json` lists the sh
 """
 
 
+def remote_url(recorded: str) -> str:
+    """The URL to copy to, for `publish.remote` as the run manifest records it (credentials redacted).
+
+    Redacted credentials come back from the config this process loaded; failing that, the URL goes without
+    them when fsspec is configured for its protocol (FSSPEC_<PROTOCOL>_<KWARG> variables or fsspec's config
+    files). Otherwise the publish is refused, naming the ways to give them.
+    """
+    import fsspec.config
+    from fsspec.core import split_protocol
+
+    if (real := real_url(recorded)) is not None:
+        return real
+    protocol = split_protocol(recorded)[0] or "file"
+    if fsspec.config.conf.get(protocol):
+        return without_credentials(recorded)
+    raise PublishError(
+        f"publish.remote {recorded} had credentials, which sftflow writes nowhere, so this process does not know "
+        "them: publish from the command that loads the config (sftflow pipeline --config FILE), or give them to "
+        f"fsspec in the environment (FSSPEC_{protocol.upper()}_<KWARG>, e.g. FSSPEC_S3_KEY and FSSPEC_S3_SECRET) "
+        "and write the URL without them")
+
+
+@contextlib.contextmanager
+def _credentials_scrubbed(remote: str, what: str) -> Iterator[None]:
+    """An error of the remote's filesystem may echo the URL, credentials and all: raise it without them."""
+    try:
+        yield
+    except Exception as exc:
+        if not url_secrets(remote) or isinstance(exc, SftflowError):
+            raise
+        reason = scrub(str(exc), remote).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise PublishError(f"{what} {redact_url(remote)} failed ({type(exc).__name__}: {reason})") from None
+
+
 def copy_to_remote(version_dir: Path, remote: str, name: str) -> str:
-    """Copy a version to an fsspec URL: every file, then manifest.json last, so a reader that waits for
-    the manifest never sees a partial version (object stores have no atomic rename)."""
+    """Copy a version to an fsspec URL: the files its manifest lists, each checked against it first, then
+    manifest.json last, so a reader that waits for the manifest never sees a partial version (object stores
+    have no atomic rename). Returns where it went, credentials redacted."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(remote.rstrip("/"))
-    target = f"{root}/{name}/{version_dir.name}"
-    manifest = VersionDir(version_dir).manifest_path
-    files = sorted(p for p in version_dir.rglob("*") if p.is_file() and p != manifest)
-    for path in [*files, manifest]:
-        destination = f"{target}/{path.relative_to(version_dir)}"
-        fs.makedirs(destination.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(path), destination)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return target if protocol in ("file", "local") else f"{protocol}://{target}"
+    version = VersionDir(version_dir)
+    version.require()
+    with _credentials_scrubbed(remote, "copying to"):
+        fs, root = fsspec.core.url_to_fs(remote.rstrip("/"))
+        target = f"{root}/{name}/{version_dir.name}"
+        for relative in [*sorted(version.manifest().files), MANIFEST]:
+            destination = f"{target}/{relative}"
+            fs.makedirs(destination.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(version.file(relative)), destination)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return scrub(target if protocol in ("file", "local") else f"{protocol}://{target}", remote)
 
 
 def upload_to_hub(version_dir: Path, repo_id: str) -> str:
@@ -137,6 +183,7 @@ def upload_to_hub(version_dir: Path, repo_id: str) -> str:
         return f"skipped: HF_HUB_OFFLINE=1, {version_dir.name} was not uploaded to {repo_id}"
     from huggingface_hub import HfApi
 
+    VersionDir(version_dir).require()  # nothing changed since it was published
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, exist_ok=True)
@@ -151,8 +198,21 @@ def upload_to_hub(version_dir: Path, repo_id: str) -> str:
 def _remote_complete(remote: str, name: str, version: str) -> bool:
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(remote.rstrip("/"))
-    return fs.exists(f"{root}/{name}/{version}/{MANIFEST}")
+    with _credentials_scrubbed(remote, "reading"):
+        fs, root = fsspec.core.url_to_fs(remote.rstrip("/"))
+        return fs.exists(f"{root}/{name}/{version}/{MANIFEST}")
+
+
+def copy_run_manifest(source: Path, target: Path) -> None:
+    """Copy a run manifest into a version, with the remote's credentials redacted should it hold them (one
+    written before they were redacted in the run manifest itself)."""
+    document = json.loads(source.read_bytes())
+    publish = (document.get("config") or {}).get("publish") or {}
+    if not isinstance(publish.get("remote"), str) or not url_secrets(publish["remote"]):
+        shutil.copyfile(source, target)
+        return
+    publish["remote"] = redact_url(publish["remote"])
+    target.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
 def write_version(registry: RegistryStore, version: str, run: RunDir, promote: bool) -> VersionDir:
@@ -168,7 +228,7 @@ def write_version(registry: RegistryStore, version: str, run: RunDir, promote: b
             shutil.copyfile(run.modelfile, tmp.modelfile)
             shutil.copyfile(run.export_path, tmp.export_path)
         shutil.copyfile(run.eval_path, tmp.eval_path)
-        shutil.copyfile(run.manifest_path, tmp.run_manifest_path)
+        copy_run_manifest(run.manifest_path, tmp.run_manifest_path)
         tmp.model_card.write_text(model_card(manifest.name, version, manifest, evaluation, drops, exported))
         VersionManifest(name=manifest.name, version=version, run_id=manifest.run_id,
                         dataset_version=manifest.dataset_version, promoted=promote,
@@ -212,15 +272,16 @@ def publish_run(run_id: str) -> PublishResult:
         raise PublishError(f"run {run_id} has no eval.json; evaluate it first: sftflow evaluate --run {run_id}")
     manifest = run.manifest()
     options = RunConfig.model_validate(manifest.config).publish
-    target, champion = publish_version(workspace.registry, run, options.remote, logger.info)
+    remote = remote_url(options.remote) if options.remote else None  # before anything is written
+    target, champion = publish_version(workspace.registry, run, remote, logger.info)
     name, version = manifest.name, target.version
     logger.info("published %s/%s (%s)", name, version, "champion" if champion == version else "not promoted")
     create_link_artifact(key="published-model", link=target.root.as_uri(), link_text=f"{name} {version}",
                          description=f"Registry version of run {run_id}")
     result = PublishResult(name=name, version=version, path=str(target.root), promoted=run.eval_report().decision.promote,
                            champion=champion)
-    if options.remote:
-        result.remote = copy_to_remote(target.root, options.remote, name)
+    if remote:
+        result.remote = copy_to_remote(target.root, remote, name)
         logger.info("copied %s/%s to %s", name, version, result.remote)
     if options.hub_repo:
         result.hub = upload_to_hub(target.root, options.hub_repo)

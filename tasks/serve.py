@@ -17,13 +17,17 @@ from schemas.quants import QUANTS
 
 def published_gguf(workspace: Workspace, spec: str | None) -> Path:
     """NAME[@VERSION] -> its GGUF of fewest bits per weight (q4_k_m, else q8_0, else f16). NAME defaults to
-    the only model; VERSION to the champion, else the newest version."""
-    version = workspace.registry.resolve(spec)
+    the only model; VERSION to the champion, else the newest version.
+
+    The file is handed out only once it checks against the version's manifest: inside the version directory,
+    and its sha256 the published one (remembered by inode and timestamps, so a multi-GB GGUF is hashed once).
+    """
+    version = workspace.check_layout().registry.resolve(spec)
     files = version.manifest().files
     for quant in sorted(QUANTS, key=lambda q: q.bits_per_weight):
-        for path in files:
+        for path in sorted(files):
             if path.startswith("gguf/") and path.endswith(f"-{quant.name}.gguf") and "-lora-" not in path:
-                return version.file(path)
+                return version.verified(path)
     name = version.root.parent.name
     raise NotFoundError(f"{name}@{version.version} has no GGUF files; export the run before publishing (sftflow export)")
 

@@ -4,30 +4,35 @@
       <drop_id>/...              one directory per drop (with _SUCCESS when it is complete)
       .emitted/<drop_id>.json    EmittedRecord: the drop was announced (its fingerprint, event id)
       .refused/<name>.json       RefusedRecord: an entry that will never be announced, and why
-      .lock                      held while a drop is announced or landed
+      .lock                      held while a drop is announced or renamed into place
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from foundation.artifacts import EmittedRecord, RefusedRecord
-from foundation.atomic import TMP_PREFIX, exclusive_lock
+from foundation.atomic import TMP_PREFIX, exclusive_lock, fsync_dir, fsync_tree, rename_noreplace
 
 SUCCESS_MARKER = "_SUCCESS"
 
 
 def record_name(name: str) -> str:
-    """A file name for an entry's record: the entry's name when short, else a prefix and a hash of it
-    (a name too long for the file system still gets its refusal recorded)."""
-    if len(name.encode()) <= 200:
-        return f"{name}.json"
-    return f"{name[:100]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}.json"
+    """A file name for an entry's record: the entry's name when short and valid UTF-8, else a prefix and
+    a hash of its bytes (a name too long for the file system, or not UTF-8, still gets its refusal
+    recorded)."""
+    raw = os.fsencode(name)
+    with contextlib.suppress(UnicodeDecodeError):
+        if len(raw) <= 200 and raw.decode():
+            return f"{name}.json"
+    prefix = raw[:100].decode(errors="ignore").encode("ascii", "backslashreplace").decode()[:100]
+    return f"{prefix}-{hashlib.sha256(raw).hexdigest()[:16]}.json"
 
 
 class LandingStore:
@@ -53,8 +58,9 @@ class LandingStore:
     def refused(self, name: str) -> bool:
         return (self.root / ".refused" / record_name(name)).exists()
 
-    def record_refused(self, record: RefusedRecord) -> None:
-        record.write(self.root / ".refused" / record_name(record.name))
+    def record_refused(self, record: RefusedRecord, name: str | None = None) -> None:
+        """Record a refusal under the entry's `name` (default: the record's, which is printable)."""
+        record.write(self.root / ".refused" / record_name(name if name is not None else record.name))
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -72,3 +78,13 @@ class LandingStore:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def land(self, staged: Path, drop_id: str) -> Path:
+        """Rename a complete copy (from `incoming`) into place as <drop_id>/, durably (its files, then the
+        landing directory, fsynced). Never replaces: FileExistsError when <drop_id> is there already."""
+        target = self.dir_of(drop_id)
+        fsync_tree(staged)
+        with self.lock():  # rename_noreplace is atomic on Linux; the lock serializes its fallback
+            rename_noreplace(staged, target)
+        fsync_dir(self.root)
+        return target

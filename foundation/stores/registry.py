@@ -6,23 +6,120 @@
         manifest.json              VersionManifest (sha256 and size of every file), written last
       CHAMPION                     the champion's version name, replaced atomically
       .lock                        held while a version is published
+      .verified.json               sha256 of files already checked, by (device, inode, size, mtime, ctime)
+
+Every read of a version for use (`sftflow chat` / `serve`, the champion's adapter, a copy to a remote)
+checks what it reads against the manifest: each path stays inside the version directory (no absolute
+path, no '..', no symlink leading out) and each file's sha256 is the one published. `verify` reports
+every file; `verified` hands out one file's path only once it checks out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+import orjson
 
 from foundation.artifacts import RunManifest, VersionManifest
-from foundation.atomic import exclusive_lock, remove_stale_tmp, staged_dir, write_bytes_atomic
+from foundation.atomic import exclusive_lock, remove_stale_tmp, sha256_of, staged_dir, write_bytes_atomic
 from foundation.errors import NotFoundError, WorkspaceError
 
 VERSION_PATTERN = re.compile(r"v\d{4,}")
 MANIFEST = "manifest.json"  # a version's manifest, written last (here and in a remote copy)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+HASH_CACHE = ".verified.json"
+FILE_STATES = ("ok", "mismatch", "missing", "outside", "unlisted")
+
+
+class IntegrityError(WorkspaceError):
+    """A published file is not what its version's manifest says: changed, missing, unlisted, or outside the
+    version directory."""
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One file of a version against its manifest. `status` is one of FILE_STATES."""
+
+    path: str  # as the manifest lists it (or as found, for an unlisted file), relative to the version directory
+    status: str
+    detail: str = ""  # one line: what is wrong and how to fix it (empty when ok)
+    published: str | None = None  # the sha256 the manifest lists
+    actual: str | None = None  # the sha256 now, when the file was hashed
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def dump(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+def _outside(root: Path, relative: str) -> str | None:
+    """Why a manifest path would lead out of the version directory `root`, or None when it stays inside."""
+    pure = PurePosixPath(relative)
+    if not relative or "\x00" in relative:
+        return "not a file name"
+    if pure.is_absolute() or Path(relative).is_absolute():
+        return "an absolute path"
+    if ".." in pure.parts:
+        return "a path with '..'"
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        return f"a symlink leading to {resolved}"
+    return None
+
+
+class HashCache:
+    """sha256 of files already hashed, keyed by what changes whenever a file's bytes do.
+
+    The key holds the inode change time, which every write sets and no user can set back, so an edited or
+    replaced file never matches its old record. A file changed in the last seconds is not recorded: its
+    timestamps may not have ticked yet (git's "racily clean" problem). A record that cannot be read or
+    written is ignored: the file is just hashed again.
+    """
+
+    RACY_NS = 2_000_000_000
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.records = orjson.loads(path.read_bytes()) if path.is_file() else {}
+        except (OSError, orjson.JSONDecodeError):
+            self.records = {}
+        if not isinstance(self.records, dict):
+            self.records = {}
+        self.changed = False
+
+    @staticmethod
+    def _key(stat: os.stat_result) -> list[int]:
+        return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+    def sha256(self, name: str, path: Path) -> str:
+        before = path.stat()
+        record = self.records.get(name) if isinstance(self.records.get(name), dict) else {}
+        if record.get("key") == self._key(before) and isinstance(record.get("sha256"), str):
+            return record["sha256"]  # unchanged since it was hashed
+        digest = sha256_of(path)
+        after = path.stat()
+        if self._key(after) == self._key(before) and time.time_ns() - after.st_ctime_ns > self.RACY_NS:
+            self.records[name] = {"key": self._key(after), "sha256": digest}
+            self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            write_bytes_atomic(self.path, orjson.dumps(self.records))
+        except OSError:
+            pass
+        self.changed = False
 
 
 @dataclass(frozen=True)
@@ -49,7 +146,92 @@ class VersionDir:
         return RunManifest.read(self.run_manifest_path)
 
     def file(self, relative: str) -> Path:
-        """A file the version's manifest lists, by its relative path."""
+        """A file the version's manifest lists, by its relative path; refused when the path leads out of the
+        version directory. Its content is not checked: use `verified` for a file that is read."""
+        if reason := _outside(self.root, relative):
+            raise IntegrityError(f"{self.root / MANIFEST}: lists {relative[:200]!r}, {reason}, outside {self.root}; "
+                                 "the manifest was changed: re-publish the run")
+        return self.root / relative
+
+    def _root_outside(self) -> str | None:
+        """Why the version directory itself is not where it seems (a symlink to elsewhere), or None."""
+        model = self.root.parent
+        resolved = self.root.resolve()
+        if resolved != model.parent.resolve() / model.name / self.root.name:
+            return (f"{self.root} is a link to {resolved}, outside the registry; restore the version or re-publish "
+                    "the run")
+        return None
+
+    def verify(self, select: Callable[[str], bool] | None = None, cached: bool = False) -> list[FileCheck]:
+        """Check every file the manifest lists (or those `select` picks) and report files it does not list.
+
+        `cached`: reuse the sha256 of files hashed before (the model's HASH_CACHE), and record new ones.
+        """
+        select = select or (lambda _: True)
+        if reason := self._root_outside():
+            return [FileCheck(".", "outside", reason)]
+        if reason := _outside(self.root, MANIFEST):
+            return [FileCheck(MANIFEST, "outside", f"{self.manifest_path}: {reason}; re-publish the run")]
+        manifest = self.manifest()
+        checks = []
+        if (manifest.name, manifest.version) != (self.root.parent.name, self.version):
+            checks.append(FileCheck(MANIFEST, "mismatch", f"{self.manifest_path}: describes {manifest.name}/"
+                                    f"{manifest.version}, not {self.root.parent.name}/{self.version}; restore it or "
+                                    "re-publish the run"))
+        cache = HashCache(self.root.parent / HASH_CACHE) if cached else None
+        for relative, digest in sorted(manifest.files.items()):
+            if select(relative):
+                checks.append(self._check(relative, digest.sha256, digest.bytes, cache))
+        if cache:
+            cache.save()
+        listed = set(manifest.files) | {MANIFEST}
+        for found in self._present():
+            if found not in listed and select(found):
+                checks.append(FileCheck(found, "unlisted", f"{self.root / found}: not in {self.manifest_path}; "
+                                        "remove it or re-publish the run"))
+        return checks
+
+    def _check(self, relative: str, sha256: str, size: int, cache: HashCache | None) -> FileCheck:
+        if reason := _outside(self.root, relative):
+            return FileCheck(relative, "outside", f"{self.manifest_path}: lists {relative[:200]!r}, {reason}, outside "
+                             f"{self.root}; the manifest was changed: re-publish the run", sha256)
+        path = self.root / relative
+        if not path.is_file():
+            return FileCheck(relative, "missing", f"{path}: listed in {self.manifest_path} but missing; restore it or "
+                             "re-publish the run", sha256)
+        fix = "re-publish the run or restore the file"
+        now = path.stat().st_size
+        if now != size:
+            return FileCheck(relative, "mismatch", f"{path}: size differs from the manifest (published {size} bytes, "
+                             f"now {now}); {fix}", sha256)
+        actual = cache.sha256(f"{self.version}/{relative}", path) if cache else sha256_of(path)
+        if actual != sha256:
+            return FileCheck(relative, "mismatch", f"{path}: sha256 differs from the manifest (published {sha256}, "
+                             f"now {actual}); {fix}", sha256, actual)
+        return FileCheck(relative, "ok", "", sha256, actual)
+
+    def _present(self) -> list[str]:
+        """Every file, symlink and special entry under the version directory (symlinked directories are not
+        followed), by relative path."""
+        found = []
+        for folder, dirs, files in os.walk(self.root):
+            base = Path(folder)
+            found += [str((base / f).relative_to(self.root)) for f in files]
+            found += [str((base / d).relative_to(self.root)) for d in dirs if (base / d).is_symlink()]
+        return sorted(found)
+
+    def require(self, select: Callable[[str], bool] | None = None, cached: bool = False) -> None:
+        """Raise IntegrityError (naming the first bad file, and how many there are) unless every file checks."""
+        failed = [c for c in self.verify(select, cached) if not c.ok]
+        if failed:
+            more = f" (and {len(failed) - 1} more: sftflow models verify {self.root.parent.name}@{self.version})"
+            raise IntegrityError(failed[0].detail + (more if len(failed) > 1 else ""))
+
+    def verified(self, relative: str, cached: bool = True) -> Path:
+        """The path of a file the manifest lists, once it is inside the version and its sha256 is the published one."""
+        if relative not in self.manifest().files:
+            raise IntegrityError(f"{self.root / relative}: not in {self.manifest_path}; re-publish the run")
+        self.require(lambda p: p == relative, cached)
         return self.root / relative
 
 
@@ -88,19 +270,27 @@ class RegistryStore:
     def version(self, name: str, version: str) -> VersionDir:
         """A complete version; a clear error for any other name."""
         found = VersionDir(self.model_dir(name) / version)
-        if not VERSION_PATTERN.fullmatch(version) or not found.manifest_path.exists():
+        if not (NAME_PATTERN.fullmatch(name) and VERSION_PATTERN.fullmatch(version) and found.manifest_path.exists()):
             raise NotFoundError(f"no version {version!r} of {name}; list them with: ls {self.model_dir(name)}")
+        if reason := found._root_outside():
+            raise IntegrityError(reason)
         return found
 
     def champion(self, name: str) -> str | None:
-        """The champion's version name, or None when the model has none."""
+        """The champion's version name, or None when the model has none; the pointer must be a small regular
+        file naming a complete version of the model."""
         pointer = self.model_dir(name) / "CHAMPION"
-        if not pointer.exists():
+        if not pointer.exists() and not pointer.is_symlink():
             return None
-        version = pointer.read_text().strip()
+        fix = "write the champion's version there (ls the model's directory), or remove the file"
+        if pointer.is_symlink() or not pointer.is_file():
+            raise WorkspaceError(f"{pointer} is not a regular file (a symlink or a directory); {fix}")
+        with open(pointer, "rb") as fh:
+            version = fh.read(64).decode("utf-8", "replace").strip()
         if not VERSION_PATTERN.fullmatch(version):
-            raise WorkspaceError(f"{pointer} holds {version[:40]!r}, not a version name like v0001; "
-                                 "write the champion's version there, or remove the file")
+            raise WorkspaceError(f"{pointer} holds {version[:40]!r}, not a version name like v0001; {fix}")
+        if not (self.model_dir(name) / version / MANIFEST).is_file():
+            raise WorkspaceError(f"{pointer} names {version}, which is not a complete version of {name}; {fix}")
         return version
 
     def champion_ref(self, name: str) -> Champion | None:
@@ -109,6 +299,7 @@ class RegistryStore:
         if version is None:
             return None
         found = self.version(name, version)
+        found.require(lambda p: p.startswith("adapter/") or p == "run_manifest.json")  # what evaluation loads
         return Champion(version, found.run_manifest().model_path, str(found.adapter))
 
     def set_champion(self, name: str, version: str) -> None:

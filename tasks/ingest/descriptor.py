@@ -44,6 +44,8 @@ import difflib
 import fnmatch
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
@@ -66,6 +68,8 @@ from tasks.ingest.discovery import (
 from tasks.ingest.formats import FORMAT_NAMES
 from tasks.ingest.formats.messages import canonical_role, maybe_json
 from tasks.ingest.readers import SUPPORTED_SUFFIXES, file_suffix
+
+MAX_DESCRIPTOR_BYTES = 16 << 20  # a mapping, not data: far more than any real drop.yaml or dataset_info.json
 
 # Our record fields: what the formats read (images/videos/audios only so that rows carrying media are
 # quarantined by name, never trained as text with their media dropped).
@@ -505,10 +509,20 @@ def _load(text: bytes, source: str) -> Any:
 
 
 def read_descriptor(url: str) -> DescriptorFile:
-    """Read and check a descriptor file (local path or fsspec URL)."""
+    """Read and check a descriptor file (local path or fsspec URL). A local one must be a regular file of at
+    most 16 MiB: a FIFO is never waited on, a device never read to its end."""
+    local = fsspec.core.url_to_fs(url)[1] if "://" not in url or url.startswith("file://") else None
+    if local is not None and os.path.exists(local):
+        mode = os.stat(local).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{url}: not a regular file (a FIFO, socket, device or directory); pass the descriptor "
+                              "file itself (drop.yaml, dataset_info.json or an Axolotl config)")
+        if os.stat(local).st_size > MAX_DESCRIPTOR_BYTES:
+            raise ConfigError(f"{url}: {os.stat(local).st_size} bytes, over {MAX_DESCRIPTOR_BYTES} for a descriptor; "
+                              "pass the small mapping file, not a data file")
     try:
         with fsspec.open(url, "rb") as fh:
-            text = fh.read()
+            text = fh.read(MAX_DESCRIPTOR_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{url}: no such descriptor file; pass a drop.yaml, a LLaMA-Factory dataset_info.json or "
                           "an Axolotl config") from None

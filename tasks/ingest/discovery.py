@@ -10,14 +10,21 @@ is named by paths, each a file or a directory, local or an fsspec URL, or `hf://
   (`dataset_dict.json`) is every split it lists;
 - `hf://datasets/ORG/NAME[@REVISION][/PATH]` (huggingface_hub's URLs) is that dataset's snapshot in the
   local Hugging Face cache (HF_HOME, HF_HUB_CACHE), read like a local directory. sftflow never downloads.
+
+Only regular files are read. In a local drop, whether named or in a directory (outside hidden and
+`_`-prefixed names), a named pipe, a socket, a device, a symlink loop, a dangling symlink, a file that
+cannot be read or a directory that cannot be listed refuses the whole drop with a DropError naming it:
+never waited on (a pipe blocks its reader until a writer comes), never skipped in silence.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -61,11 +68,78 @@ def refuse_escaping_links(path: Path, root: Path | None = None) -> None:
         for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
             candidates += [Path(dirpath) / name for name in [*dirnames, *filenames]]
     for candidate in candidates:
-        if candidate.is_symlink() and not candidate.resolve().is_relative_to(root):
+        if not candidate.is_symlink():
+            continue
+        try:
+            target = candidate.resolve()
+        except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError on a loop, later ones OSError
+            raise DropError(_symlink_loop(candidate)) from None
+        if not target.is_relative_to(root):
             raise DropError(
                 f"{candidate}: a symlink to {os.readlink(candidate)}, outside the drop directory {root}; "
                 "symlinks out of a drop are never followed: copy the file into the drop instead"
             )
+
+
+# What a path can be besides a regular file or a directory: none of them is ever opened.
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _symlink_loop(path: Path) -> str:
+    return (f"{path}: a symlink loop ({path.name} -> {os.readlink(path)} leads back to itself); point the link at "
+            "a file in the drop, or remove it")
+
+
+def check_local_entry(path: Path) -> None:
+    """`path` can be read without waiting: a regular file that opens for reading, or a directory that can be
+    listed (symlinks followed). Else a DropError naming it, what it is and the fix."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DropError(_symlink_loop(path)) from None
+        if path.is_symlink():
+            raise DropError(f"{path}: a symlink to {os.readlink(path)}, which does not exist; copy the file into "
+                            "the drop, or remove the link") from None
+        if not os.path.lexists(path):
+            raise DropError(f"{path}: no such file or directory; pass a file or a directory of data files") from None
+        raise DropError(f"{path}: cannot be read ({exc.strerror}); give the user running sftflow access to it, "
+                        "or remove it from the drop") from None
+    if stat.S_ISDIR(info.st_mode):
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as exc:
+            raise DropError(f"{path}: the directory cannot be listed ({exc.strerror}); give the user running "
+                            "sftflow read and search permission on it (chmod a+rx), or remove it from the drop"
+                            ) from None
+        return
+    for is_kind, kind in _SPECIAL_FILES:
+        if is_kind(info.st_mode):
+            raise DropError(f"{path}: {kind}, not a regular file; a drop is read from regular files only (reading "
+                            "a pipe or a device can wait forever): write its data to a file in the drop, or remove it")
+    if not stat.S_ISREG(info.st_mode):
+        raise DropError(f"{path}: not a regular file; a drop is read from regular files only: write its data to a "
+                        "file in the drop, or remove it")
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # nonblocking: should it have become a pipe
+    except OSError as exc:
+        raise DropError(f"{path}: cannot be read ({exc.strerror}); give the user running sftflow read permission "
+                        "on it (chmod a+r), or remove it from the drop") from None
+
+
+def check_local_drop(path: Path) -> None:
+    """`check_local_entry` for a local drop path and, for a directory, for everything under it but hidden and
+    `_`-prefixed names (which are never read: see `_directory_files`)."""
+    check_local_entry(path)
+    if not path.is_dir():
+        return
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+        dirnames[:] = [name for name in dirnames if not name.startswith((".", "_"))]
+        for name in [*dirnames, *filenames]:
+            if not name.startswith((".", "_")):
+                check_local_entry(Path(dirpath) / name)
 
 
 def list_drop_files(paths: list[str]) -> list[str]:
@@ -81,15 +155,19 @@ def list_drop_files(paths: list[str]) -> list[str]:
         if path.startswith(HF_SCHEME):
             target, repo_dir = hub_dataset_path(path)
             refuse_escaping_links(target, root=repo_dir)  # the snapshot's files link to the repo's blobs
+            check_local_drop(target)
             files.extend(_files_at(fsspec.filesystem("file"), str(target), "", path))
             continue
         fs, fs_path = fsspec.core.url_to_fs(path)
-        if not fs.exists(fs_path):
-            raise DropError(f"{path}: no such file or directory; pass a file or a directory of data files")
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
         if prefix == "":
+            if not os.path.lexists(fs_path):
+                raise DropError(f"{path}: no such file or directory; pass a file or a directory of data files")
             refuse_escaping_links(Path(fs_path), root=hub_repo_dir(Path(fs_path)))
+            check_local_drop(Path(fs_path))
+        elif not fs.exists(fs_path):
+            raise DropError(f"{path}: no such file or directory; pass a file or a directory of data files")
         files.extend(_files_at(fs, fs_path, prefix, path))
     if not files:
         raise DropError(f"{', '.join(paths)}: no data files ({', '.join(SUPPORTED_SUFFIXES)}, optionally .gz) found")
@@ -263,11 +341,27 @@ def fingerprint_files(files: list[str]) -> str:
     digest = hashlib.sha256()
     for url in files:
         digest.update(Path(url).name.encode() + b"\0")
-        with fsspec.open(url, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        try:
+            with _open_regular(url) as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise DropError(f"{url}: cannot be read ({exc.strerror or exc}); give the user running sftflow read "
+                            "permission on it, or remove it from the drop") from None
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _open_regular(url: str):
+    """An fsspec URL opened for reading; a local path opened without waiting, and only if a regular file."""
+    if "://" in url:
+        return fsspec.open(url, "rb").open()
+    fd = os.open(url, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        check_local_entry(Path(url))  # names what it is
+        raise DropError(f"{url}: not a regular file; a drop is read from regular files only")
+    return os.fdopen(fd, "rb")
 
 
 @dataclass(frozen=True)

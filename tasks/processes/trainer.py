@@ -334,14 +334,15 @@ class TrainingRecipe:
                       attention_calls=dict(packed_attention.CALLS)))
 
     def _save_adapter(self) -> None:
-        """The adapter appears whole or not at all: written aside, then renamed into place."""
+        """The adapter appears whole or not at all: written aside, fsynced, then swapped into place (an
+        earlier adapter stays until the new one is there: `foundation.atomic.replace_dir`)."""
+        from foundation.atomic import replace_dir
+
         final, tmp = self.run.adapter, self.run.adapter_tmp
         shutil.rmtree(tmp, ignore_errors=True)
         self.trainer.model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
 
 
 def main(spec_path: str) -> None:

@@ -57,4 +57,4 @@ def test_a_cached_snapshot_is_checked_like_a_directory(hub_cache, workspace):
 @pytest.mark.parametrize("name", ["../etc", "org/../../etc", "https://example.com/model", "a/b/c", "./missing"])
 def test_names_that_are_neither_a_directory_nor_a_hub_id_are_refused(name, workspace):
     with pytest.raises(ConfigError, match="no such directory, and not a Hub id"):
-        resolve_model(ModelConfig(name=name), workspace, log=lambda *_: None)
+        resolve_model(ModelConfig.model_construct(name=name), workspace, log=lambda *_: None)  # its own check, behind the config's

@@ -395,3 +395,21 @@ def test_stage_file_maps_records_before_detection_and_keeps_the_raw_text(tmp_pat
     assert [(m["role"], m["content"]) for m in staged[1]["messages"]] == [
         ("system", "Add."), ("user", "What is 1 + 1?"), ("assistant", "2")]
     assert json.loads(staged[1]["raw"]) == rows[1]  # the source's text, as the drop held it
+
+
+def test_a_map_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """Issue 15: `--map` naming a FIFO (or a device) is refused in one line, never opened."""
+    import os
+    import signal
+
+    from tasks.ingest.descriptor import read_descriptor
+
+    fifo = tmp_path / "drop.yaml"
+    os.mkfifo(fifo)
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("read_descriptor waited on a FIFO")))
+    signal.alarm(10)
+    try:
+        with pytest.raises(ConfigError, match=r"drop\.yaml: not a regular file \(a FIFO"):
+            read_descriptor(str(fifo))
+    finally:
+        signal.alarm(0)

@@ -286,3 +286,14 @@ def test_row_id_depends_on_content_roles_and_tools_only():
 @pytest.mark.parametrize("content", [b"", b"  \n", b"[]", b"{}", b"\xef\xbb\xbf"])
 def test_empty_json_files_have_no_rows(content):
     assert list(read_json(io.BytesIO(content))) == []
+
+
+def test_an_integer_beyond_64_bits_does_not_cost_the_files_other_records():
+    """JSON allows any integer; ijson's C parser stops at one beyond 64 bits (found by the fuzz suite): the
+    file is read again by the Python parser, and every record is read once, in order."""
+    big = b'[{"prompt": "a", "completion": "b", "n": 9223372036854775808}, {"prompt": "c", "completion": "d"}]'
+    records = list(read_json(io.BytesIO(big)))
+    assert [(r.source_row, r.reasons) for r in records] == [(1, ()), (2, ())]
+    assert records[0].value["n"] == 2**63 and records[1].value == {"prompt": "c", "completion": "d"}
+    nested = b'{"train": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d", "n": -' + b"9" * 30 + b"}]}"
+    assert [r.value["prompt"] for r in read_json(io.BytesIO(nested))] == ["a", "c"]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+from foundation.artifacts import VersionManifest
 from tasks.publish import copy_to_remote, file_manifest, upload_to_hub
 
 
@@ -12,7 +11,8 @@ def version_dir(tmp_path):
     (version / "adapter").mkdir(parents=True)
     (version / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     (version / "README.md").write_text("card")
-    (version / "manifest.json").write_text(json.dumps({"files": {k: v.dump() for k, v in file_manifest(version).items()}}))
+    VersionManifest(name="m", version="v0001", run_id="r", dataset_version="ds", promoted=True,
+                    published_at="2026-12-01T00:00:00+00:00", files=file_manifest(version)).write(version / "manifest.json")
     return version
 
 

@@ -8,6 +8,8 @@ file type is one reader module, one row here and its test. Any of them may also 
 from __future__ import annotations
 
 import io
+import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -48,6 +50,10 @@ def iter_file_records(url: str, batch_rows: int) -> Iterator[RawRecord]:
     """Every record of one data file (a suffix of `READERS`, optionally .gz), read by its reader."""
     read = READERS[file_suffix(url)]
     try:
+        if "://" not in url and not stat.S_ISREG(os.stat(url).st_mode):  # discovery refuses these: be sure
+            yield RawRecord(0, "", None, ("unreadable_file",), "not a regular file (a pipe, a socket or a device); "
+                            "write its data to a regular file")
+            return
         with fsspec.open(url, "rb", compression="infer") as fh:
             yield from read(fh, batch_rows)
     except (OSError, EOFError) as exc:  # e.g. a truncated .gz stream
