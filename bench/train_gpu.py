@@ -138,7 +138,7 @@ def build_tokenized(model_dir: Path, data: Path, repeat: int, work: Path) -> Pat
     for copy in range(repeat):
         for i, record in enumerate(json.loads(data.read_text())):
             row = normalize_record(record, "alpaca")
-            rows.append({"id": f"{copy:02d}{row.id[2:]}", "messages": [{"role": r, "content": c} for r, c in row.messages],
+            rows.append({"id": f"{copy:02d}{row.id[2:]}", "messages": [{"role": r, "content": c} for r, c, *_ in row.messages],
                          "tools": None, "source_drop": "bench", "source_file": str(data), "source_row": i + 1,
                          "source_format": "alpaca"})
     table, _, found = tokenize_table(tokenizer, pa.Table.from_pylist(rows, schema=CANONICAL_SCHEMA), 2048)

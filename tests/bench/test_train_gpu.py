@@ -30,3 +30,22 @@ def test_scaling_efficiency_and_loss_difference(bench):
     assert line["loss_rel_diff"] == 0.01 and line["same_global_batch"]
     failed = bench.scaling_summary("8b", "sftflow-unsloth-packed", {1: one, 2: {"error": "NCCL timeout"}})
     assert "efficiency" not in failed and "NCCL timeout" in failed["error"]
+
+
+def test_the_bench_data_is_tokenized_as_the_pipeline_tokenizes_it(bench, tiny_model, tmp_path):
+    """build_tokenized (the rows every recipe trains on) runs on the CPU with the tiny model: the Alpaca
+    rows through sftflow's own normalisation and gates, every row with trained tokens."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tests.conftest import ROOT
+
+    data = tmp_path / "alpaca.json"
+    rows = json.loads((ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json").read_text())[:40]
+    data.write_text(json.dumps(rows))
+    out = bench.build_tokenized(tiny_model, data, 2, tmp_path / "work")
+    table = pq.read_table(out / "train.parquet")
+    stats = json.loads((out / "stats.json").read_text())
+    assert table.num_rows == stats["rows"] == 2 * len(rows)
+    assert all(any(label != -100 for label in labels) for labels in table.column("labels").to_pylist())
