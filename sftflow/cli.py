@@ -382,25 +382,122 @@ def models_verify(
         raise typer.Exit(2)
 
 
-@app.command()
-def datasets(as_json: JsonOption = False) -> None:
-    """List the dataset versions in the workspace, newest first, and which one is current."""
-    workspace = Workspace.from_env()
+def _inspect(reader: str, *args, as_json: bool) -> None:
+    """Print what `sftflow.inspect_commands.<reader>(workspace, *args)` read from the workspace's files."""
+    from sftflow import inspect_commands
+
     try:
-        store = workspace.check_layout().datasets
-        current = store.current()
-        manifests = [v.manifest for v in store.versions()]
+        result, human = getattr(inspect_commands, reader)(Workspace.from_env().check_layout(), *args)
     except SftflowError as exc:
         _fail(exc)
-    versions = [{"version": m.version, "created_at": m.created_at, "rows": m.rows.dump(), "parent": m.parent,
-                 "drops": [d.drop_id for d in m.drops]} for m in manifests]
-    versions.sort(key=lambda v: (v["created_at"], len(v["drops"])), reverse=True)
-    human = "\n".join(
-        f"{'*' if current and v['version'] == current.name else ' '} {v['version']}  {v['created_at']}  "
-        f"train {v['rows']['train']:>7}  eval {v['rows']['eval']:>6}  drops {len(v['drops'])}"
-        for v in versions
-    ) or f"no dataset versions in {store.root}"
-    _emit({"current": current.name if current else None, "versions": versions}, as_json, human)
+    _emit(result, False, inspect_commands.json_line(result) if as_json else human)
+
+
+datasets_app = typer.Typer(help="Dataset versions: list them (the default), show one, compare two.")
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List the dataset versions in the workspace, newest first, and which one is current."""
+    if ctx.invoked_subcommand is None:
+        _inspect("datasets_list", as_json=as_json)
+
+
+@datasets_app.command("list")
+def datasets_list(as_json: JsonOption = False) -> None:
+    """List the dataset versions in the workspace, newest first, and which one is current (* marks it)."""
+    _inspect("datasets_list", as_json=as_json)
+
+
+@datasets_app.command("show")
+def datasets_show(version: Annotated[str, typer.Argument(help="A dataset version (ds-...).")],
+                  as_json: JsonOption = False) -> None:
+    """A dataset version's manifest: rows per split, the drops it holds, its parent, when it was created."""
+    _inspect("dataset_show", version, as_json=as_json)
+
+
+@datasets_app.command("diff")
+def datasets_diff(a: Annotated[str, typer.Argument(help="The older dataset version.")],
+                  b: Annotated[str, typer.Argument(help="The newer dataset version.")],
+                  as_json: JsonOption = False) -> None:
+    """Rows added and removed from A to B (by row id), per drop."""
+    _inspect("dataset_diff", a, b, as_json=as_json)
+
+
+runs_app = typer.Typer(help="Training runs ($SFTFLOW_HOME/runs): what each one holds.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(as_json: JsonOption = False) -> None:
+    """Every run, newest first: status, engine, loss (first -> last), tokens/s, dataset, eval decision, GGUFs."""
+    _inspect("runs_list", as_json=as_json)
+
+
+@runs_app.command("show")
+def runs_show(run: Annotated[str, typer.Argument(help="A run id (sftflow runs list).")],
+              as_json: JsonOption = False) -> None:
+    """One run: status, engine, loss, tokens/s, dataset version, eval decision, exports, adapter, publishes."""
+    _inspect("run_show", run, as_json=as_json)
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOption = False) -> None:
+    """Every published model: its versions and its champion."""
+    _inspect("models_list", as_json=as_json)
+
+
+@models_app.command("show")
+def models_show(model: Annotated[str, typer.Argument(
+        metavar="NAME[@VERSION]", help="A published model; VERSION defaults to the champion, else the newest.")],
+        as_json: JsonOption = False) -> None:
+    """A published version: its run, dataset, evaluation, GGUFs, and the model's champion moves."""
+    _inspect("model_show", model, as_json=as_json)
+
+
+ReasonOption = Annotated[Optional[str], typer.Option("--reason", help="Why (recorded in the registry's log).")]
+
+
+@models_app.command("promote")
+def models_promote(model: Annotated[str, typer.Argument(metavar="NAME@VERSION", help="The version to promote.")],
+                   reason: ReasonOption = None, as_json: JsonOption = False) -> None:
+    """Make a version the champion (it must check against its manifest); logs who, when, from -> to and why."""
+    _inspect("model_promote", model, reason, as_json=as_json)
+
+
+@models_app.command("rollback")
+def models_rollback(name: Annotated[str, typer.Argument(help="A published model.")],
+                    reason: ReasonOption = None, as_json: JsonOption = False) -> None:
+    """Move the champion back to the previous one; logs who, when, from -> to and why."""
+    _inspect("model_rollback", name, reason, as_json=as_json)
+
+
+@app.command("quarantine")
+def quarantine(
+    drop_id: Annotated[str, typer.Argument(metavar="DROP", help="An ingested drop's id.")],
+    limit: Annotated[int, typer.Option("--limit", help="Rows shown per reason.")] = 3,
+    as_json: JsonOption = False,
+) -> None:
+    """Why a drop's rows were quarantined: each reason with its count and its first rows (raw text escaped)."""
+    _inspect("quarantine", drop_id, limit, as_json=as_json)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            typer.echo(metadata.version("sftflow"))
+        except metadata.PackageNotFoundError:
+            typer.echo("unknown")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print sftflow's version and exit.")] = False) -> None:
+    pass
 
 
 def _chat_hint(published: PublishResult | None) -> str:
