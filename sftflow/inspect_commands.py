@@ -352,7 +352,10 @@ def model_rollback(workspace: Workspace, name: str, reason: str | None) -> tuple
 
     _model(workspace, name)
     move = rollback(workspace.registry, name, reason)
-    result = _move_result(name, move, move.to_version, champion_history(workspace.registry, name))
+    champion = workspace.registry.champion(name)
+    result = _move_result(name, move, champion, champion_history(workspace.registry, name))
+    if move is None:
+        return result, f"{name}: {champion} is already the champion; nothing changed"
     human = f"{name}: champion {move.from_version or '-'} -> {move.to_version} (rolled back, logged by {move.user})"
     return result, human
 
@@ -461,7 +464,9 @@ def quarantine(workspace: Workspace, drop_id: str, limit: int) -> tuple[dict, st
     if report is None:
         raise NotFoundError(f"no ingested drop {drop_id!r} in {workspace.drops_dir}; drops: "
                             f"{_names(_drop_ids(workspace))}")
-    path = Path(report.quarantine_path) if report.quarantine_path else drops.quarantine_path(drop_id)
+    path = drops.quarantine_path(drop_id)  # where the store keeps it; the report's path if the file is elsewhere
+    if not path.is_file() and report.quarantine_path and Path(report.quarantine_path).is_file():
+        path = Path(report.quarantine_path)
     result = {"drop_id": drop_id, "status": report.status, "rows_in": report.rows_in,
               "quarantined": report.quarantined, "path": str(path), "reasons": []}
     if not path.is_file():

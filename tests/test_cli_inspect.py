@@ -199,3 +199,24 @@ def test_a_torn_last_event_line_of_a_live_run_is_left_out(published):
     with open(running.progress, "a") as fh:
         fh.write('{"event": "log", "step": 3, "lo')  # the trainer is writing this line now
     assert ok_json("runs", "show", "run-c")["global_step"] == 2
+
+
+def test_safe_text_escapes_what_could_move_the_cursor_or_hide_text():
+    from sftflow.inspect_commands import json_line, safe_text
+
+    hostile = "ok\x1b[2K\r\x9b31m\u202eevil\u200b\u2028next\\"
+    assert safe_text(hostile) == "ok\\x1b[2K\\r\\x9b31m\\u202eevil\\u200b\\u2028next\\\\"
+    assert safe_text("é" * 300, 200) == "é" * 200 + "…"  # printable text stays as it is, cut at the bound
+    line = json_line({"raw": hostile})
+    assert json.loads(line) == {"raw": hostile} and "\u202e" not in line and "\x9b" not in line
+
+
+def test_a_torn_champion_log_line_is_skipped(published):
+    registry = published.registry
+    ok_json("models", "promote", f"{NAME}@v0001")
+    with open(registry.model_dir(NAME) / CHAMPION_LOG, "a") as fh:
+        fh.write('{"at": "2026-')  # a crash mid-append
+    assert [m.to_version for m in read_champion_log(registry, NAME)] == ["v0001"]
+    assert ok_json("models", "rollback", NAME)["champion"] == "v0002"
+    assert [(m.action, m.to_version) for m in read_champion_log(registry, NAME)] == [
+        ("promote", "v0001"), ("rollback", "v0002")]  # the next line was not glued to the torn one

@@ -405,10 +405,14 @@ def read_champion_log(registry: RegistryStore, name: str) -> list[ChampionMove]:
 
 
 def _append_line(path: Path, line: bytes) -> None:
-    """Append one line and fsync it (and the directory, when the file is new)."""
+    """Append one line and fsync it (and the directory, when the file is new). A last line left without its
+    newline (a writer that died mid-append) is ended first, so the new line stays whole."""
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:
@@ -447,8 +451,10 @@ def champion_history(registry: RegistryStore, name: str) -> list[str]:
     return stack
 
 
-def move_champion(registry: RegistryStore, name: str, version: str, action: str, reason: str | None) -> ChampionMove:
-    """Point CHAMPION at `version` (atomically, under the model's publish lock) and log the move.
+def move_champion(registry: RegistryStore, name: str, version: str, action: str,
+                  reason: str | None) -> ChampionMove | None:
+    """Point CHAMPION at `version` (atomically, under the model's publish lock) and log the move; None when
+    it already points there (nothing is written).
 
     The version must check against its manifest (IntegrityError otherwise). The pointer moves first, then
     the log line is appended: the log never records a move that did not happen.
@@ -457,6 +463,8 @@ def move_champion(registry: RegistryStore, name: str, version: str, action: str,
     with registry.lock(name):
         found.require(cached=True)
         before = registry.champion(name)
+        if before == version:
+            return None
         registry.set_champion(name, version)
         move = ChampionMove(datetime.now(timezone.utc).isoformat(timespec="microseconds"), _current_user(), action,
                             before, version, reason)
@@ -466,13 +474,10 @@ def move_champion(registry: RegistryStore, name: str, version: str, action: str,
 
 def promote(registry: RegistryStore, name: str, version: str, reason: str | None = None) -> ChampionMove | None:
     """Make `version` the champion; None when it already is (nothing is logged)."""
-    registry.version(name, version)
-    if registry.champion(name) == version:
-        return None
     return move_champion(registry, name, version, "promote", reason)
 
 
-def rollback(registry: RegistryStore, name: str, reason: str | None = None) -> ChampionMove:
+def rollback(registry: RegistryStore, name: str, reason: str | None = None) -> ChampionMove | None:
     """Move the champion back to the one before it (see `champion_history`)."""
     history = champion_history(registry, name)
     complete = {v.version for v in registry.versions(name)}

@@ -134,3 +134,16 @@ def test_the_dataset_commands_import_no_prefect_torch_transformers_or_gx(workspa
                     if line.startswith("import time:")}
         assert not imported & {"prefect", "torch", "transformers", "great_expectations"}, args
         json.loads(done.stdout)
+
+
+def test_quarantine_of_a_rejected_drop(workspace):
+    from foundation.errors import DropRejectedError
+
+    with pytest.raises(DropRejectedError):
+        ingest_drop(paths=[str(SAMPLE_DROPS / "json-extraction")], drop_id="rejected", announce=False,
+                    config=IngestConfig(max_reject_rate=0.01))
+    report = json.loads((workspace.drops_dir / "rejected" / "report.json").read_text())
+    shown = ok_json("quarantine", "rejected")
+    assert shown["status"] == "rejected" and shown["rows"] == report["quarantined"] == 4
+    assert {r["reason"]: r["count"] for r in shown["reasons"]} == report["reasons"]
+    assert cli("quarantine", "rejected").stdout.startswith("drop rejected (rejected): 4 of 104 rows quarantined")
