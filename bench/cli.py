@@ -8,8 +8,8 @@ Run from the repository root:
     .venv/bin/python bench/cli.py --ingest                                # also: ingest 100 rows, twice in one workspace
 
 Options: --runs N (default 5; each case's figure is the median of N runs), --root DIR (the checkout whose
-`sftflow` package runs, via PYTHONPATH; default: this one), --ingest (add the `ingest` cases, which start
-Prefect: tens of seconds each).
+`sftflow` package runs, via PYTHONPATH; default: this one), --only NAME[,NAME...] (only these cases, e.g.
+help,evaluate_unknown_run), --ingest (add the `ingest` cases, which start Prefect: tens of seconds each).
 
 What it does: each case runs `python -m sftflow ARGS` in a subprocess of this Python, with SFTFLOW_HOME and
 PREFECT_HOME in a fresh temporary directory and PREFECT_API_URL removed (so `ingest` uses its own temporary
@@ -49,6 +49,8 @@ COMMANDS = ["ingest", "train", "evaluate", "export", "publish", "chat", "serve",
 FAILING = {  # case name: arguments; each must exit 2 with its one-line error
     "train_missing_config": ["train", "--config", "missing.yaml"],
     "train_bad_config": ["train", "--config", "{tmp}/bad.yaml"],
+    "train_unknown_dataset": ["train", "--config", str(ROOT / "flows/configs/tiny_cpu.yaml"), "--dataset", "nope"],
+    "pipeline_missing_config": ["pipeline", "--config", "missing.yaml"],
     "evaluate_unknown_run": ["evaluate", "--run", "nope"],
     "export_unknown_run": ["export", "--run", "nope"],
     "publish_unknown_run": ["publish", "--run", "nope"],
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--ingest", action="store_true")
+    parser.add_argument("--only", help="comma list of case names to run (default: all)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-cli-"))
     (tmp / "bad.yaml").write_text("name: x\nnonsense: 1\n")
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = {"help": ["--help"]} | {f"{c.replace(' ', '_')}_help": [*c.split(), "--help"] for c in COMMANDS}
     cases |= {name: [a.format(tmp=tmp) for a in argv_] for name, argv_ in FAILING.items()}
+    if args.only:
+        cases = {name: case for name, case in cases.items() if name in args.only.split(",")}
     medians, failures = {}, []
     for name, case_args in cases.items():
         times = []
@@ -151,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name:<28} {medians[name]:7.3f} s  (runs: {', '.join(f'{t:.2f}' for t in times)})")
 
     top = {}
-    for name in ("help", "evaluate_unknown_run"):
+    for name in [n for n in ("help", "evaluate_unknown_run") if n in cases]:
         _, proc = run_once(cases[name], env, tmp, importtime=True)
         top[name] = top_imports(proc.stderr)
 
     helps = [v for k, v in medians.items() if k.endswith("help")]
     result = {"bench": "cli", "root": str(args.root), "runs": args.runs, "cases": medians,
-              "max_help_s": max(helps), "max_failing_s": max(medians[k] for k in FAILING),
+              "max_help_s": max(helps, default=None), "max_failing_s": max((medians[k] for k in FAILING if k in medians), default=None),
               "top_imports": top, "failures": failures}
 
     if args.ingest:

@@ -250,10 +250,13 @@ def train(
 ) -> None:
     """Fine-tune a LoRA adapter on a dataset version (flow train_adapter; training runs in a subprocess)."""
     from foundation.errors import SftflowError
+    from foundation.workspace import Workspace
     from schemas.config import load_run_config
 
     try:
         config = load_run_config(config_file, overrides or [])
+        # the flow's first check (prepare_run), before Prefect starts: an unknown --dataset, or none ingested yet
+        Workspace.from_env().check_layout().datasets.find(dataset)
         with _flow_session():
             from flows.train import train_adapter
 
@@ -497,13 +500,17 @@ def pipeline(
     """Run flow sft_pipeline: ingest the given drops, then train, evaluate, export and publish if promoted."""
     from foundation.errors import SftflowError
 
+    from schemas.config import load_run_config
+
     try:
         _check_drop_sources(list(drops or []), None)
+        overrides = _redacted_overrides(override or [])
+        load_run_config(config_file.absolute(), overrides)  # the flow's first check, before Prefect starts
         with _flow_session() as workspace:
             from flows.pipeline import sft_pipeline
 
             result = sft_pipeline(drops=list(drops or []), config=str(config_file.absolute()),
-                                  overrides=_redacted_overrides(override or []), dataset_version=dataset, force=force)
+                                  overrides=overrides, dataset_version=dataset, force=force)
     except SftflowError as exc:
         _fail(exc)
     _emit(result, as_json, _pipeline_summary(result, workspace))

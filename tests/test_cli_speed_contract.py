@@ -60,6 +60,10 @@ FAILING = [
     # (arguments, what the one line must say); {tmp} is the test's directory
     (["train", "--config", "missing.yaml"], "cannot read the config"),
     (["train", "--config", "{tmp}/bad.yaml"], "nonsense"),
+    (["train", "--config", str(ROOT / "flows/configs/tiny_cpu.yaml"), "--dataset", "nope"], "no dataset version 'nope'"),
+    (["train", "--config", str(ROOT / "flows/configs/tiny_cpu.yaml")], "ingest a drop first"),
+    (["pipeline", "--config", "missing.yaml"], "cannot read the config"),
+    (["pipeline", "--set", "nonsense=1"], "nonsense: unknown field"),
     (["evaluate", "--run", "nope"], "no finished training run 'nope'"),
     (["export", "--run", "nope"], "no finished training run 'nope'"),
     (["export", "--run", "nope", "--quant", "q9"], "--quant q9: choose from"),
