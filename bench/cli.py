@@ -14,7 +14,8 @@ help,evaluate_unknown_run), --ingest (add the `ingest` cases, which start Prefec
 What it does: each case runs `python -m sftflow ARGS` in a subprocess of this Python, with SFTFLOW_HOME and
 PREFECT_HOME in a fresh temporary directory and PREFECT_API_URL removed (so `ingest` uses its own temporary
 Prefect server, as on a machine without `sftflow up`). Wall time is measured around the subprocess. The
-failing cases must exit with status 2; a case that does not is reported with its status and stderr.
+failing cases must exit with status 2; a case that does not is reported with its status and stderr. The
+temporary directory is removed at the end.
 
 The `help` and `evaluate --run nope` cases also run once under `python -X importtime`; their ten largest
 imports (cumulative microseconds, as importtime reports them) are in `top_imports`.
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -128,13 +130,20 @@ def ingest_breakdown(path: Path, env: dict[str, str], cwd: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cli-"))
+    try:
+        return bench(argv, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench(argv: list[str] | None, tmp: Path) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--ingest", action="store_true")
     parser.add_argument("--only", help="comma list of case names to run (default: all)")
     args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-cli-"))
     (tmp / "bad.yaml").write_text("name: x\nnonsense: 1\n")
     env = environment(args.root.resolve(), tmp)
 
