@@ -14,17 +14,24 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import orjson
 import typer
 
-from foundation.artifacts import Artifact, DropReport, PipelineSummary, PublishResult
-from foundation.errors import ConfigError, DropRejectedError, SftflowError
-from foundation.workspace import Workspace
 from schemas.quants import NAMES as QUANT_NAMES
-from sftflow.stack import configure_prefect_env
-from tasks.ingest.formats import FORMAT_NAMES, check_format
+
+# Only typer, the standard library and tiny modules at import time: `--help` and a command that fails on
+# its arguments answer in a fraction of a second. Everything else (pydantic models, Prefect, the stages)
+# is imported inside the command that needs it (bench/cli.py measures it; tests/test_cli_speed_contract.py
+# checks which modules a failing command imports).
+if TYPE_CHECKING:
+    from foundation.artifacts import Artifact, DropReport, PipelineSummary, PublishResult
+    from foundation.errors import SftflowError
+    from foundation.workspace import Workspace
+
+# tasks.ingest.formats.FORMAT_NAMES, spelt out for the help text (that module imports pydantic);
+# tests/test_cli_speed_contract.py checks that the two agree.
+FORMAT_NAMES = ("preference", "openai", "sharegpt", "alpaca", "prompt_completion", "text")
 
 app = typer.Typer(
     help="sftflow: raw instruction drops -> validated datasets -> QLoRA SFT -> evaluated, published models.",
@@ -40,6 +47,10 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one machine-read
 
 
 def _emit(obj: dict | Artifact, as_json: bool, human: str) -> None:
+    import orjson
+
+    from foundation.artifacts import Artifact
+
     if isinstance(obj, Artifact):
         obj = obj.dump()
     if as_json:
@@ -52,6 +63,9 @@ def _emit(obj: dict | Artifact, as_json: bool, human: str) -> None:
 @contextlib.contextmanager
 def _flow_session() -> Iterator[Workspace]:
     """Prepare the workspace and Prefect's settings; keep anything a flow prints off stdout."""
+    from foundation.workspace import Workspace
+    from sftflow.stack import configure_prefect_env
+
     workspace = Workspace.from_env().ensure()
     configure_prefect_env(workspace)
     with contextlib.redirect_stdout(sys.stderr):
@@ -59,6 +73,8 @@ def _flow_session() -> Iterator[Workspace]:
 
 
 def _fail(exc: SftflowError) -> None:
+    from foundation.errors import DropRejectedError
+
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(1 if isinstance(exc, DropRejectedError) else 2)
 
@@ -82,6 +98,14 @@ def _check_drop_sources(paths: list[str], drop_id: str | None) -> None:
     local = [p for p in paths if p.startswith(HF_SCHEME) or "://" not in p]
     if local:
         list_drop_files(local)
+
+
+def _check_finished_run(run_id: str) -> None:
+    """A run that evaluate, export and publish can start from, checked before Prefect starts (else a typo
+    costs a temporary server and a flow run's traceback): the flows' own first check (RunStore.finished)."""
+    from foundation.workspace import Workspace
+
+    Workspace.from_env().check_layout().runs.finished(run_id)
 
 
 INGEST_KEYS = (
@@ -125,6 +149,9 @@ def ingest(
     as_json: JsonOption = False,
 ) -> None:
     """Ingest a drop: read, validate (quarantining bad rows), dedup, split, write a dataset version."""
+    from foundation.errors import DropRejectedError, SftflowError
+    from tasks.ingest.formats import check_format
+
     try:
         _check_drop_sources(list(paths), drop_id)
         check_format(format)  # before the workspace and Prefect start: a ConfigError naming the choices
@@ -179,6 +206,7 @@ def config_validate(
     as_json: JsonOption = False,
 ) -> None:
     """Validate a run config (with overrides) and report every error at once."""
+    from foundation.errors import SftflowError
     from schemas.config import config_hash, load_run_config
 
     try:
@@ -203,6 +231,7 @@ def config_import(
 ) -> None:
     """Translate an Axolotl or LLaMA-Factory config into a run config and one drop descriptor per dataset;
     list what was mapped and what has no equivalent, and print the commands to ingest and train."""
+    from foundation.errors import SftflowError
     from sftflow.config_import import import_config, report_text
 
     try:
@@ -220,10 +249,14 @@ def train(
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune a LoRA adapter on a dataset version (flow train_adapter; training runs in a subprocess)."""
+    from foundation.errors import SftflowError
+    from foundation.workspace import Workspace
     from schemas.config import load_run_config
 
     try:
         config = load_run_config(config_file, overrides or [])
+        # the flow's first check (prepare_run), before Prefect starts: an unknown --dataset, or none ingested yet
+        Workspace.from_env().check_layout().datasets.find(dataset)
         with _flow_session():
             from flows.train import train_adapter
 
@@ -246,7 +279,10 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Score base, candidate and champion on the held-out split; decide promotion (flow evaluate_adapter)."""
+    from foundation.errors import SftflowError
+
     try:
+        _check_finished_run(run)
         with _flow_session():
             from flows.evaluate import evaluate_adapter
 
@@ -272,10 +308,13 @@ def export(
     as_json: JsonOption = False,
 ) -> None:
     """Merge the adapter, write GGUF files with llama.cpp's tools, check each against the HF model."""
+    from foundation.errors import ConfigError, SftflowError
+
     quants = [q.strip() for q in quant.split(",")] if quant else None
     if quants and not set(quants) <= set(QUANT_NAMES):
         _fail(ConfigError(f"--quant {quant}: choose from {', '.join(QUANT_NAMES)}"))
     try:
+        _check_finished_run(run)
         with _flow_session():
             from flows.export import export_model
 
@@ -295,7 +334,10 @@ def publish(
     as_json: JsonOption = False,
 ) -> None:
     """Publish an evaluated run to the registry; it becomes the champion if evaluation said promote."""
+    from foundation.errors import SftflowError
+
     try:
+        _check_finished_run(run)
         with _flow_session():
             from flows.publish import publish_model
 
@@ -315,6 +357,8 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="A system message for the conversation.")] = None,
 ) -> None:
     """Chat with a published model's GGUF (one line per turn; an empty line or EOF ends)."""
+    from foundation.errors import SftflowError
+    from foundation.workspace import Workspace
     from tasks.serve import load_chat_model, published_gguf
 
     try:
@@ -341,6 +385,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Loopback port.")] = 8000,
 ) -> None:
     """Serve a published model's GGUF as an OpenAI-compatible chat API on 127.0.0.1 (llama-cpp-python's server)."""
+    from foundation.errors import SftflowError
+    from foundation.workspace import Workspace
     from tasks.serve import published_gguf, server_command
 
     try:
@@ -365,6 +411,9 @@ def models_verify(
 ) -> None:
     """Check every file of a published version against its manifest: its sha256, and that it lies inside the
     version directory (ok / mismatch / missing / outside / unlisted); exit 2 when any fails."""
+    from foundation.errors import SftflowError
+    from foundation.workspace import Workspace
+
     try:
         version = Workspace.from_env().check_layout().registry.resolve(model)
         checks = version.verify()
@@ -382,25 +431,124 @@ def models_verify(
         raise typer.Exit(2)
 
 
-@app.command()
-def datasets(as_json: JsonOption = False) -> None:
-    """List the dataset versions in the workspace, newest first, and which one is current."""
-    workspace = Workspace.from_env()
+def _inspect(reader: str, *args, as_json: bool) -> None:
+    """Print what `sftflow.inspect_commands.<reader>(workspace, *args)` read from the workspace's files."""
+    from foundation.errors import SftflowError
+    from foundation.workspace import Workspace
+    from sftflow import inspect_commands
+
     try:
-        store = workspace.check_layout().datasets
-        current = store.current()
-        manifests = [v.manifest for v in store.versions()]
+        result, human = getattr(inspect_commands, reader)(Workspace.from_env().check_layout(), *args)
     except SftflowError as exc:
         _fail(exc)
-    versions = [{"version": m.version, "created_at": m.created_at, "rows": m.rows.dump(), "parent": m.parent,
-                 "drops": [d.drop_id for d in m.drops]} for m in manifests]
-    versions.sort(key=lambda v: (v["created_at"], len(v["drops"])), reverse=True)
-    human = "\n".join(
-        f"{'*' if current and v['version'] == current.name else ' '} {v['version']}  {v['created_at']}  "
-        f"train {v['rows']['train']:>7}  eval {v['rows']['eval']:>6}  drops {len(v['drops'])}"
-        for v in versions
-    ) or f"no dataset versions in {store.root}"
-    _emit({"current": current.name if current else None, "versions": versions}, as_json, human)
+    _emit(result, False, inspect_commands.json_line(result) if as_json else human)
+
+
+datasets_app = typer.Typer(help="Dataset versions: list them (the default), show one, compare two.")
+app.add_typer(datasets_app, name="datasets")
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List the dataset versions in the workspace, newest first, and which one is current."""
+    if ctx.invoked_subcommand is None:
+        _inspect("datasets_list", as_json=as_json)
+
+
+@datasets_app.command("list")
+def datasets_list(as_json: JsonOption = False) -> None:
+    """List the dataset versions in the workspace, newest first, and which one is current (* marks it)."""
+    _inspect("datasets_list", as_json=as_json)
+
+
+@datasets_app.command("show")
+def datasets_show(version: Annotated[str, typer.Argument(help="A dataset version (ds-...).")],
+                  as_json: JsonOption = False) -> None:
+    """A dataset version's manifest: rows per split, the drops it holds, its parent, when it was created."""
+    _inspect("dataset_show", version, as_json=as_json)
+
+
+@datasets_app.command("diff")
+def datasets_diff(a: Annotated[str, typer.Argument(help="The older dataset version.")],
+                  b: Annotated[str, typer.Argument(help="The newer dataset version.")],
+                  as_json: JsonOption = False) -> None:
+    """Rows added and removed from A to B (by row id), per drop."""
+    _inspect("dataset_diff", a, b, as_json=as_json)
+
+
+runs_app = typer.Typer(help="Training runs ($SFTFLOW_HOME/runs): what each one holds.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(as_json: JsonOption = False) -> None:
+    """Every run, newest first: status, engine, loss (first -> last), tokens/s, dataset, eval decision, GGUFs."""
+    _inspect("runs_list", as_json=as_json)
+
+
+@runs_app.command("show")
+def runs_show(run: Annotated[str, typer.Argument(help="A run id (sftflow runs list).")],
+              as_json: JsonOption = False) -> None:
+    """One run: status, engine, loss, tokens/s, dataset version, eval decision, exports, adapter, publishes."""
+    _inspect("run_show", run, as_json=as_json)
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOption = False) -> None:
+    """Every published model: its versions and its champion."""
+    _inspect("models_list", as_json=as_json)
+
+
+@models_app.command("show")
+def models_show(model: Annotated[str, typer.Argument(
+        metavar="NAME[@VERSION]", help="A published model; VERSION defaults to the champion, else the newest.")],
+        as_json: JsonOption = False) -> None:
+    """A published version: its run, dataset, evaluation, GGUFs, and the model's champion moves."""
+    _inspect("model_show", model, as_json=as_json)
+
+
+ReasonOption = Annotated[Optional[str], typer.Option("--reason", help="Why (recorded in the registry's log).")]
+
+
+@models_app.command("promote")
+def models_promote(model: Annotated[str, typer.Argument(metavar="NAME@VERSION", help="The version to promote.")],
+                   reason: ReasonOption = None, as_json: JsonOption = False) -> None:
+    """Make a version the champion (it must check against its manifest); logs who, when, from -> to and why."""
+    _inspect("model_promote", model, reason, as_json=as_json)
+
+
+@models_app.command("rollback")
+def models_rollback(name: Annotated[str, typer.Argument(help="A published model.")],
+                    reason: ReasonOption = None, as_json: JsonOption = False) -> None:
+    """Move the champion back to the previous one; logs who, when, from -> to and why."""
+    _inspect("model_rollback", name, reason, as_json=as_json)
+
+
+@app.command("quarantine")
+def quarantine(
+    drop_id: Annotated[str, typer.Argument(metavar="DROP", help="An ingested drop's id.")],
+    limit: Annotated[int, typer.Option("--limit", help="Rows shown per reason.")] = 3,
+    as_json: JsonOption = False,
+) -> None:
+    """Why a drop's rows were quarantined: each reason with its count and its first rows (raw text escaped)."""
+    _inspect("quarantine", drop_id, limit, as_json=as_json)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            typer.echo(metadata.version("sftflow"))
+        except metadata.PackageNotFoundError:
+            typer.echo("unknown")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print sftflow's version and exit.")] = False) -> None:
+    pass
 
 
 def _chat_hint(published: PublishResult | None) -> str:
@@ -422,6 +570,8 @@ def demo(as_json: JsonOption = False) -> None:
     """Run the whole pipeline (flow sft_pipeline) on the bundled sample drops with the tiny local model
     and no server: ingest every drop in data/drops, fine-tune a LoRA adapter (flows/configs/tiny_cpu.yaml),
     evaluate it against the base (and the champion), export GGUF files with parity checks, publish."""
+    from foundation.errors import SftflowError
+
     drops = sorted(str(p) for p in SAMPLE_DROPS.iterdir() if p.is_dir())
     try:
         with _flow_session() as workspace:
@@ -444,13 +594,19 @@ def pipeline(
     as_json: JsonOption = False,
 ) -> None:
     """Run flow sft_pipeline: ingest the given drops, then train, evaluate, export and publish if promoted."""
+    from foundation.errors import SftflowError
+
+    from schemas.config import load_run_config
+
     try:
         _check_drop_sources(list(drops or []), None)
+        overrides = _redacted_overrides(override or [])
+        load_run_config(config_file.absolute(), overrides)  # the flow's first check, before Prefect starts
         with _flow_session() as workspace:
             from flows.pipeline import sft_pipeline
 
             result = sft_pipeline(drops=list(drops or []), config=str(config_file.absolute()),
-                                  overrides=_redacted_overrides(override or []), dataset_version=dataset, force=force)
+                                  overrides=overrides, dataset_version=dataset, force=force)
     except SftflowError as exc:
         _fail(exc)
     _emit(result, as_json, _pipeline_summary(result, workspace))
@@ -479,6 +635,8 @@ def drop(
 
     Exit status 3 when the drop landed but the server did not take the announcement: the watcher
     announces it once the server answers."""
+    from foundation.errors import ConfigError, SftflowError
+
     undelivered = None
     source = str(path).replace(":/", "://", 1) if str(path).startswith(("http:/", "https:/", "hf:/")) else str(path)
     try:
@@ -528,6 +686,8 @@ def watch(
     A bad entry is refused (its reason under landing/.refused/) and the watch goes on; while the server
     cannot be reached, drops wait and are tried again after a growing pause (up to a minute). With
     --once, exit status 3 when some complete drop could not be announced."""
+    from foundation.errors import SftflowError
+
     with _flow_session() as workspace:
         from tasks.landing import watch_landing
 
@@ -555,7 +715,9 @@ def up(
     as_json: JsonOption = False,
 ) -> None:
     """Start a local Prefect server, the cpu and gpu pools with a worker each, the deployments and the watcher."""
+    from foundation.errors import SftflowError
     from foundation.settings import settings
+    from foundation.workspace import Workspace
     from sftflow.stack import up as stack_up
 
     workspace = Workspace.from_env()
@@ -575,6 +737,7 @@ def up(
 @app.command()
 def status(as_json: JsonOption = False) -> None:
     """Show the local stack: processes, server health, pools and workers, latest flow runs."""
+    from foundation.workspace import Workspace
     from sftflow.stack import status as stack_status
 
     result = stack_status(Workspace.from_env())
@@ -596,6 +759,7 @@ def status(as_json: JsonOption = False) -> None:
 @app.command()
 def down(as_json: JsonOption = False) -> None:
     """Stop what `sftflow up` started from this workspace (by pid; nothing else)."""
+    from foundation.workspace import Workspace
     from sftflow.stack import down as stack_down
 
     result = stack_down(Workspace.from_env())

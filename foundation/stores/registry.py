@@ -20,6 +20,7 @@ import contextlib
 import os
 import re
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -352,3 +353,137 @@ class RegistryStore:
         """A temporary version directory that becomes `version` when the block exits cleanly."""
         with staged_dir(self.model_dir(name) / version) as tmp:
             yield VersionDir(tmp)
+
+
+# Moving the champion by hand: `sftflow models promote` / `rollback`. Every move is one line of the model's
+# CHAMPION_LOG (append-only, fsynced): who, when, from -> to, and why.
+
+CHAMPION_LOG = "champion_log.jsonl"
+
+
+@dataclass(frozen=True)
+class ChampionMove:
+    at: str  # ISO 8601, UTC
+    user: str
+    action: str  # "promote" or "rollback"
+    from_version: str | None
+    to_version: str
+    reason: str | None = None
+
+    def dump(self) -> dict:
+        return {"at": self.at, "user": self.user, "action": self.action, "from": self.from_version,
+                "to": self.to_version, "reason": self.reason}
+
+
+def _current_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in the environment nor in the password database
+        return os.environ.get("USER") or "unknown"
+
+
+def champion_log_path(registry: RegistryStore, name: str) -> Path:
+    return registry.model_dir(name) / CHAMPION_LOG
+
+
+def read_champion_log(registry: RegistryStore, name: str) -> list[ChampionMove]:
+    """The model's champion moves, oldest first; a line that does not parse (a torn last write) is skipped."""
+    path = champion_log_path(registry, name)
+    if not path.is_file():
+        return []
+    moves = []
+    for line in path.read_bytes().splitlines():
+        try:
+            entry = orjson.loads(line)
+            moves.append(ChampionMove(str(entry["at"]), str(entry["user"]), str(entry["action"]), entry["from"],
+                                      str(entry["to"]), entry.get("reason")))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+    return moves
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    """Append one line and fsync it (and the directory, when the file is new). A last line left without its
+    newline (a writer that died mid-append) is ended first, so the new line stays whole."""
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def champion_history(registry: RegistryStore, name: str) -> list[str]:
+    """The champions in the order they took over, as a stack: a publish that promoted a version and every
+    `promote` push; a `rollback` pops. The last entry is the pointer's version (pushed when the pointer was
+    moved some other way)."""
+    def when(text: str) -> datetime:
+        moment = datetime.fromisoformat(text)
+        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+    events = [(when(v.manifest().published_at), 0, "promote", v.version)
+              for v in registry.versions(name) if v.manifest().promoted]
+    events += [(when(m.at), 1, m.action, m.to_version) for m in read_champion_log(registry, name)]
+    stack: list[str] = []
+    for _, _, action, version in sorted(events):
+        if action == "rollback":
+            while stack and stack[-1] != version:
+                stack.pop()
+            if not stack:
+                stack.append(version)
+        elif not stack or stack[-1] != version:
+            stack.append(version)
+    current = registry.champion(name)
+    if current and (not stack or stack[-1] != current):
+        stack.append(current)
+    return stack
+
+
+def move_champion(registry: RegistryStore, name: str, version: str, action: str,
+                  reason: str | None) -> ChampionMove | None:
+    """Point CHAMPION at `version` (atomically, under the model's publish lock) and log the move; None when
+    it already points there (nothing is written).
+
+    The version must check against its manifest (IntegrityError otherwise). The pointer moves first, then
+    the log line is appended: the log never records a move that did not happen.
+    """
+    found = registry.version(name, version)
+    with registry.lock(name):
+        found.require(cached=True)
+        before = registry.champion(name)
+        if before == version:
+            return None
+        registry.set_champion(name, version)
+        move = ChampionMove(datetime.now(timezone.utc).isoformat(timespec="microseconds"), _current_user(), action,
+                            before, version, reason)
+        _append_line(champion_log_path(registry, name), orjson.dumps(move.dump()) + b"\n")
+    return move
+
+
+def promote(registry: RegistryStore, name: str, version: str, reason: str | None = None) -> ChampionMove | None:
+    """Make `version` the champion; None when it already is (nothing is logged)."""
+    return move_champion(registry, name, version, "promote", reason)
+
+
+def rollback(registry: RegistryStore, name: str, reason: str | None = None) -> ChampionMove | None:
+    """Move the champion back to the one before it (see `champion_history`)."""
+    history = champion_history(registry, name)
+    complete = {v.version for v in registry.versions(name)}
+    previous = [v for v in history[:-1] if v in complete and v != (history[-1] if history else None)]
+    if not previous:
+        raise NotFoundError(f"no earlier champion of {name} to roll back to (champions so far: "
+                            f"{', '.join(history) or 'none'}); choose one with: sftflow models promote "
+                            f"{name}@VERSION (versions: {', '.join(sorted(complete)) or 'none'})")
+    return move_champion(registry, name, previous[-1], "rollback", reason)
