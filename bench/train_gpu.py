@@ -18,10 +18,13 @@ labels) and given to every recipe, so they all see the same tokens:
 - sftflow-unsloth-unpacked: the same, packing off (its loss is the reference for the packed run);
 - ref-hf-padded: plain transformers + peft + bitsandbytes 4-bit + trl SFTTrainer, batch 8, padded;
 - ref-unsloth-notebook: Unsloth's notebook recipe (FastLanguageModel + SFTTrainer, batch 8, no packing);
-- dense / dense@N: the ceiling, random tokens at seq 2048 x batch 4 (or N, as many tokens a step as
-  sftflow-unsloth-packed@N), no padding, no masking, Unsloth model;
-- packing-parity: the packed attention path checked on the GPU (kernel against per-document SDPA; the
-  same rows packed, padded and one by one) and timed against Unsloth's own packed path.
+- dense / dense@N: a bare ceiling, random tokens at seq 2048 x batch 4 (or N, as many tokens a step as
+  sftflow-unsloth-packed@N), no padding, no masking, Unsloth model, fp32 AdamW, no logging;
+- dense-worker@N: the honest ceiling: the project's worker (same trainer, 8-bit optimizer, logging and
+  callbacks as sftflow-unsloth-packed@N) on N rows of 2048 random tokens a step, every token trained;
+- packing-parity / packing-parity-hf: the packed attention path checked on the GPU on the unsloth (or hf)
+  engine's model (kernel against per-document SDPA; the same rows packed, padded and one by one) and
+  timed against Unsloth's own packed path.
 
 SFTFLOW_BENCH_TRAIN='{"dataloader_workers": 2, ...}' (JSON) sets more `train.*` fields of the
 sftflow-* recipes, for comparing options on the same data in one call.
@@ -82,7 +85,7 @@ SHAPES = {
                                    tie_word_embeddings=False, sliding_window=None, rope_theta=1000000.0)),
 }
 ALL_RECIPES = ["sftflow-unsloth-packed", "sftflow-unsloth-unpacked", "ref-unsloth-notebook", "ref-hf-padded",
-               "sftflow-hf-packed", "dense", "packing-parity", "packing-parity-hf"]
+               "sftflow-hf-packed", "dense", "dense-worker", "packing-parity", "packing-parity-hf"]
 PROFILE_STEPS = 5  # --profile: 3 steps timed by torch.profiler, one plain, one with Python stacks (sync call sites)
 
 
@@ -395,6 +398,28 @@ def run_dense(model_dir: Path, steps: int, profile: Path | None = None, batch: i
     return result
 
 
+def build_dense_tokenized(model_dir: Path, work: Path, rows: int = 512, length: int = 2048) -> Path:
+    """Rows of `length` random tokens of the model's vocabulary, every token labelled: the ceiling's data in
+    the shape the worker reads (tokenized parquet), so `dense-worker@N` runs the same trainer, optimizer,
+    logging cadence and collator as the packed recipe, on rows that need no padding and no packing."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.tokenize import TOKENIZED_SCHEMA
+
+    out = work / f"dense-{model_dir.name}-{length}"
+    if (out / "train.parquet").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, min(vocab, 8192), size=(rows, length), dtype=np.int32).tolist()
+    table = pa.table({"id": [f"{i:064x}" for i in range(rows)], "input_ids": ids, "labels": ids}, schema=TOKENIZED_SCHEMA)
+    pq.write_table(table, out / "train.parquet")
+    pq.write_table(table.slice(0, 8), out / "eval.parquet")
+    return out
+
+
 def _engine_model(model_dir: Path, packing: bool, engine: str = "unsloth"):
     """The model exactly as the worker trains it: the engine's load (QLoRA r=16, packed route)."""
     from schemas.config import RunConfig
@@ -577,6 +602,11 @@ def run_recipe(args) -> dict:
         return run_ref_unsloth(model_dir, tokenized, args.steps, work)
     if base == "dense":
         return run_dense(model_dir, min(args.steps, 20), profile, batch=int(batch) if batch else 4)
+    if base == "dense-worker":  # the ceiling through the project's own worker: same trainer, optimizer, logging
+        dense = build_dense_tokenized(model_dir, work)
+        result = run_sftflow(model_dir, dense, "unsloth", False, packed_batch, args.steps, work, f"{name}-dense",
+                             warmup_steps=args.warmup_steps)
+        return {**result, "tokens_per_step": packed_batch * 2048}
     if name in ("packing-parity", "packing-parity-hf"):
         return run_packing_parity(model_dir, tokenized, engine="hf" if name.endswith("-hf") else "unsloth")
     raise SystemExit(f"unknown recipe {name}")

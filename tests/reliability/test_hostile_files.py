@@ -8,7 +8,9 @@
    traceback.
 
 Memory is measured by `PeakMemory`: a thread samples, every 50 ms, the resident set of this process and
-of every process it starts meanwhile (the readers the flow forks), from /proc via psutil.
+of every process it starts meanwhile (the readers the flow forks), from /proc via psutil. The bound is on
+what reading adds to the process tree: alone these tests start near 150 MiB, in a full session the test
+process already holds over 1 GiB of imported libraries.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ class PeakMemory:
             self._hwm = False
         self.started = time.monotonic()
         self._sample()
+        # what the process tree held before: in a full test session this process has imported torch and
+        # more (over 1 GiB), so the bound is on what reading adds to it (`growth`)
+        self.baseline, self.baseline_rss = self.peak, self._me.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -110,12 +115,15 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self._sample()
+        self.growth = self.peak - self.baseline
         if self._hwm:
             status = Path("/proc/self/status").read_text()
-            self.peak = max(self.peak, int(status.split("VmHWM:")[1].split()[0]) * 1024)
+            hwm = int(status.split("VmHWM:")[1].split()[0]) * 1024
+            self.peak = max(self.peak, hwm)
+            self.growth = max(self.growth, hwm - self.baseline_rss)
         self.seconds = time.monotonic() - self.started
-        print(f"peak {self.peak / MiB:,.0f} MiB (RSS summed: {self.rss_sum / MiB:,.0f} MiB) over {self.seconds:.1f} s, "
-              f"{self.samples} samples")
+        print(f"peak {self.peak / MiB:,.0f} MiB, {self.growth / MiB:,.0f} MiB over the {self.baseline / MiB:,.0f} MiB "
+              f"before (RSS summed: {self.rss_sum / MiB:,.0f} MiB) over {self.seconds:.1f} s, {self.samples} samples")
 
 
 def _pss(pid: int, resident: int) -> int:
@@ -187,7 +195,7 @@ def test_a_multi_gigabyte_jsonl_line_is_quarantined_in_bounded_memory(tmp_path):
     assert [r["source_row"] for r in staged] == [1, 2, 3, 5, 6]
     assert len(quarantined) == 1
     assert_too_long(quarantined[0], 4, ZEROS)
-    assert memory.peak < MEMORY_LIMIT, f"peak {memory.peak / MiB:,.0f} MiB"
+    assert memory.growth < MEMORY_LIMIT, f"grew by {memory.growth / MiB:,.0f} MiB (peak {memory.peak / MiB:,.0f} MiB)"
 
 
 @pytest.mark.slow
@@ -198,7 +206,7 @@ def test_a_multi_gigabyte_csv_field_is_quarantined_in_bounded_memory(tmp_path):
     assert [r["source_row"] for r in staged] == [2, 3, 5, 6]
     assert len(quarantined) == 1
     assert_too_long(quarantined[0], 4, ZEROS + 1, "characters")  # the line break is part of the record
-    assert memory.peak < MEMORY_LIMIT, f"peak {memory.peak / MiB:,.0f} MiB"
+    assert memory.growth < MEMORY_LIMIT, f"grew by {memory.growth / MiB:,.0f} MiB (peak {memory.peak / MiB:,.0f} MiB)"
 
 
 @pytest.mark.slow
@@ -215,7 +223,7 @@ def test_a_multi_gigabyte_string_in_a_json_array_is_quarantined_and_the_array_re
     assert row["reasons"] == ["too_long"] and row["source_row"] == 2
     assert f"record 2 is {size:,} bytes, more than the 16 MiB" in row["details"]
     assert len(row["raw"]) < 1000 and row["raw"].startswith('{"instruction": "q", "output": "000')
-    assert memory.peak < MEMORY_LIMIT, f"peak {memory.peak / MiB:,.0f} MiB"
+    assert memory.growth < MEMORY_LIMIT, f"grew by {memory.growth / MiB:,.0f} MiB (peak {memory.peak / MiB:,.0f} MiB)"
 
 
 @pytest.mark.slow
@@ -238,7 +246,7 @@ def test_the_ingest_flow_reads_a_drop_of_gigabyte_lines_in_bounded_memory(tmp_pa
     assert sorted((Path(r["source_file"]).name, r["source_row"]) for r in quarantine) == [("a.jsonl.gz", 5),
                                                                                          ("b.csv.gz", 4)]
     assert all(len(r["raw"]) < 1000 for r in quarantine)
-    assert memory.peak < MEMORY_LIMIT, f"peak {memory.peak / MiB:,.0f} MiB"
+    assert memory.growth < MEMORY_LIMIT, f"grew by {memory.growth / MiB:,.0f} MiB (peak {memory.peak / MiB:,.0f} MiB)"
 
 
 def _write_table_with_a_huge_cell(path: str, cell_bytes: int, kind: str) -> None:
@@ -270,7 +278,7 @@ def test_a_huge_cell_in_a_parquet_or_arrow_file_is_quarantined_not_converted(tmp
     assert row["reasons"] == ["too_long"] and row["source_row"] == 3
     assert f"the row is {128 * MiB + 1:,} bytes, more than the 16 MiB" in row["details"]
     assert len(row["raw"]) < 1000 and row["raw"].startswith('{"instruction":"q","output":"000')
-    assert memory.peak < MEMORY_LIMIT, f"peak {memory.peak / MiB:,.0f} MiB"
+    assert memory.growth < MEMORY_LIMIT, f"grew by {memory.growth / MiB:,.0f} MiB (peak {memory.peak / MiB:,.0f} MiB)"
 
 
 # ---------------------------------------------------------------------------------------------
