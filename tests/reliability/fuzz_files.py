@@ -51,8 +51,24 @@ role = st.one_of(st.sampled_from(["user", "assistant", "system", "tool", "human"
                                   "function_call", "developer", "USER "]), text, scalar)
 
 
+# content as the tools write it (issue 14/15): parts with text or value, reasoning and tool-call parts, media
+# parts that must be quarantined by name, and junk
+part = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": field}),
+    st.fixed_dictionaries({"type": st.just("text"), "value": field}),
+    st.fixed_dictionaries({"type": st.sampled_from(["reasoning", "thinking"]), "text": field}),
+    st.fixed_dictionaries({"type": st.just("tool_call"), "tool_call": anyjson}),
+    st.fixed_dictionaries({"type": st.sampled_from(["image", "image_url", "input_audio", "video", "file"]), "url": text}),
+    anyjson,
+)
+content = st.one_of(field, field, st.lists(part, max_size=4))
+# what a turn may say beside its role and content: its loss weight, its calls, its reasoning
+turn_extras = {"weight": scalar, "loss_weight": scalar, "train": scalar, "tool_calls": anyjson,
+               "reasoning_content": field}
+
+
 def _turns(role_key: str, content_key: str):
-    turn = st.fixed_dictionaries({role_key: role, content_key: field}) | anyjson
+    turn = st.fixed_dictionaries({role_key: role, content_key: content}, optional=turn_extras) | anyjson
     conversation = st.lists(st.fixed_dictionaries({role_key: st.sampled_from(["user", "human"]), content_key: good_text}),
                             min_size=1, max_size=1).flatmap(
         lambda first: st.lists(turn, max_size=4).map(lambda rest: first + rest))
@@ -63,8 +79,13 @@ record = st.one_of(
     st.fixed_dictionaries({"instruction": field, "output": field},
                           optional={"input": field, "system": field, "history": anyjson, "tools": anyjson}),
     st.fixed_dictionaries({"conversations": _turns("from", "value")}, optional={"system": field, "tools": anyjson}),
-    st.fixed_dictionaries({"messages": _turns("role", "content")}, optional={"tools": anyjson}),
+    st.fixed_dictionaries({"messages": _turns("role", "content")},
+                          optional={"tools": anyjson, "images": anyjson, "audios": anyjson}),
     st.fixed_dictionaries({"prompt": field | _turns("role", "content"), "completion": field | _turns("role", "content")}),
+    st.fixed_dictionaries({"chosen": field | _turns("role", "content") | anyjson, "rejected": field | anyjson},
+                          optional={"prompt": field | _turns("role", "content"), "question": field,
+                                    "conversations": _turns("from", "value"), "instruction": field, "input": field}),
+    st.fixed_dictionaries({"text": field}),
     st.dictionaries(text, anyjson, max_size=4),
     anyjson,
 )
