@@ -1,11 +1,15 @@
 """Time `sftflow export` on a model of a real shape (random weights, random LoRA), on this machine.
 
     .venv/bin/python bench/export.py --shape 1b [--work /tmp/sftflow-export-bench]
+    python bench/export.py --shape 1b --data .gpu/alpaca_en_demo.json     # on the GPU machine: real vocabulary
 
 Builds a random-weight Llama of the shape (bfloat16 safetensors) with the tiny model's tokenizer and
 chat template, a LoRA adapter with random (non-zero) weights, a one-drop dataset from the sample
 drops, then runs the project's own export (merge, GGUF f16/q8_0/q4_k_m, LoRA GGUF, parity checks
 with the control) and prints one JSON line with the timings, file sizes and parity figures.
+With --data (the Alpaca demo file; needs a GPU), the model is bench/train_gpu.py's instead: the real vocabulary
+size (128,256 for Llama 3.x) and a SentencePiece tokenizer trained on the data; the export then runs its torch
+work (merge, the HF side of parity) on the GPU. `wall_s` is the export alone (not the model build).
 Parity on a random model is a strict test of the conversion (its logits have no structure to hide
 behind), but its greedy figures say little; the KL and top-1 ones are the ones to read.
 """
@@ -35,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--work", default="/tmp/sftflow-export-bench")
+    parser.add_argument("--data", help="The Alpaca demo file: build bench/train_gpu.py's model of the shape (GPU).")
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -56,16 +61,24 @@ def main() -> None:
     configure_prefect_env(workspace)
     tiny = tiny_model_dir(workspace, log=lambda *_: None)
     started = time.monotonic()
-    model_dir = work / f"llama-{args.shape}"
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPES[args.shape])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tiny / name).exists():
-            shutil.copyfile(tiny / name, model_dir / name)
+    if args.data:
+        from bench.train_gpu import build_model
+        from transformers import AutoModelForCausalLM
+
+        model_dir = build_model(args.shape, work, Path(args.data))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    else:
+        model_dir = work / f"llama-{args.shape}"
+        tokenizer = AutoTokenizer.from_pretrained(tiny)
+        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **SHAPES[args.shape])
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(model_dir, safe_serialization=True)
+        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (tiny / name).exists():
+                shutil.copyfile(tiny / name, model_dir / name)
     peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", task_type="CAUSAL_LM",
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"]))
@@ -86,13 +99,16 @@ def main() -> None:
     source = ExportSource(run_config.name, str(model_dir), str(adapter_dir),
                           workspace.datasets.find(report.dataset_version).path("eval"), run_config)
     run_dir = run.root
+    exported = time.monotonic()
     try:
         summary = export_run(run, source, workspace, log=lambda *a: print(*a, file=sys.stderr)).dump()
         passed, failures = True, []
     except Exception as exc:  # record what failed; the figures so far are in export.json
         summary = json.loads((run_dir / "export.json").read_text()) if (run_dir / "export.json").exists() else {}
         passed, failures = False, [str(exc)[:500]]
-    print(json.dumps({"bench": "export", "shape": args.shape, "passed": passed, "failures": failures,
+    wall = time.monotonic() - exported
+    print(json.dumps({"bench": "export", "shape": args.shape, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                      "cpus": os.cpu_count(), "passed": passed, "failures": failures, "wall_s": round(wall, 1),
                       "build_model_s": round(build_s, 1), "timings": summary.get("timings"),
                       "bytes": summary.get("bytes"), "parity": summary.get("parity")}))
 

@@ -243,6 +243,9 @@ class EndEvent(Batching):
     peak_mem_gib_per_rank: list[float]
     adapter_dir: str
     attention_calls: dict[str, int] = Field(default_factory=dict)  # the attention path each call took
+    # the process's start-up, seconds from its start to each step's end (imports_s, model_s, data_s, trainer_s,
+    # first_step_s) and first_step_at (epoch seconds: a benchmark measures from the command that started it)
+    startup: dict[str, float] = Field(default_factory=dict)
 
 
 class ErrorEvent(Artifact):
@@ -366,6 +369,7 @@ class ModelScores(Artifact):
     metrics: dict[str, float | None]
     answers: list[Answer]
     eval_rows: int
+    timings: dict[str, float] = {}  # load_s, loss_s, generate_s, generated_tokens
 
 
 class EvalScores(Artifact):

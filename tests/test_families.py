@@ -52,7 +52,7 @@ def test_family_round_trip(family, llama_tools, tmp_path):
 
     from schemas.quants import BY_NAME
     from tasks.export.convert import convert_to_gguf, quantize
-    from tasks.export.parity import check_thresholds, parity
+    from tasks.export.parity import HfReference, check_thresholds, parity
 
     row, model_dir = family
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -95,9 +95,10 @@ def test_family_round_trip(family, llama_tools, tmp_path):
     # the export's own parity check (logits, top-1, greedy continuation against the HF model) at the export's
     # thresholds; q8_0 quantises every tensor (all dims are multiples of 32) and is held to KL only, as random
     # weights give near-uniform logits whose top-1 flips under 8-bit rounding
-    assert check_thresholds(parity(gguf, model, tokenizer, [prompt], greedy_tokens=8), BY_NAME["f16"].thresholds) == []
+    reference = HfReference(model, tokenizer, [prompt], greedy_tokens=8)
+    assert check_thresholds(parity(gguf, reference), BY_NAME["f16"].thresholds) == []
     q8 = quantize(gguf, tmp_path / "q8_0.gguf", "q8_0")
-    assert check_thresholds(parity(q8, model, tokenizer, [prompt], greedy_tokens=8), BY_NAME["q8_0"].thresholds) == []
+    assert check_thresholds(parity(q8, reference), BY_NAME["q8_0"].thresholds) == []
 
 
 def test_a_phi3_gguf_converted_from_the_exports_directory_tokenizes_alike(family_cache, llama_tools, tmp_path):

@@ -16,13 +16,21 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "chat_template.jinja")
 
 
-def merge_adapter(model_path: str, adapter_dir: str, out_dir: Path, dtype: str) -> Path:
+def export_device() -> str:
+    """Where the export's torch work (the merge, the HF side of parity) runs: the GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def merge_adapter(model_path: str, adapter_dir: str, out_dir: Path, dtype: str, device: str = "cpu") -> Path:
     """Merge the adapter into the base reloaded in 16-bit (or fp32), never into a 4-bit base."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), use_safetensors=True,
+                                                device_map=device)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     with staged_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

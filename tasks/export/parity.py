@@ -1,36 +1,82 @@
-"""Parity: a GGUF, loaded back with llama_cpp, against the merged HF model on the same rendered prompts."""
+"""Parity: a GGUF, loaded back with llama_cpp, against the merged HF model on the same rendered prompts.
+
+The HF side of the check (each prompt's logits and its greedy continuation) is the same for every GGUF of an
+export, so `HfReference` computes it once, on the model's device (the GPU when the export has one), and the
+GGUF files (f16, each quant, the LoRA, the control) are compared with it in turn.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from foundation.artifacts import Parity
 
+# The HF logits kept between GGUF files (float32, exactly as the reference model produced them); beyond this
+# they are recomputed for each file instead (a long prompt of a large vocabulary holds ~0.5 GB).
+KEEP_LOGITS_BYTES = 2 << 30
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+@dataclass
+class HfAnswer:
+    """One prompt on the HF side: its token ids, the reference logits over them, the greedy continuation."""
+
+    ids: list[int]
+    logits: object  # torch.Tensor [len(ids), vocab], float32, on the model's device
+    greedy: list[int]
 
 
-def _greedy_hf(hf_model, ids: list[int], last_logits: np.ndarray, steps: int) -> list[int]:
-    """Greedy continuation, token by token through end-of-turn too (argmax on both sides: generate()'s
-    min_new_tokens would suppress end-of-turn on the HF side only)."""
-    import torch
+class HfReference:
+    """The HF model's side of the parity check, computed once per prompt and kept while it fits."""
 
-    out, past, logits = [], None, last_logits
-    with torch.no_grad():
-        for _ in range(steps):
-            token = int(np.argmax(logits))
-            out.append(token)
-            if past is None:
-                step = hf_model(torch.tensor([ids + [token]]), use_cache=True)
-            else:
-                step = hf_model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past, logits = step.past_key_values, step.logits[0, -1].double().numpy()
-    return out
+    def __init__(self, hf_model, tokenizer, prompts: list[str], greedy_tokens: int):
+        self.model, self.tokenizer, self.prompts, self.greedy_tokens = hf_model, tokenizer, prompts, greedy_tokens
+        self.device = next(hf_model.parameters()).device
+        self._kept: dict[int, HfAnswer] = {}
+        self._kept_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def width(self) -> int:
+        """The context a GGUF needs for the longest prompt and its continuation."""
+        return max(len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in self.prompts) \
+            + self.greedy_tokens + 8
+
+    def answer(self, i: int) -> HfAnswer:
+        if i in self._kept:
+            return self._kept[i]
+        import torch
+
+        ids = self.tokenizer(self.prompts[i], add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = self.model(torch.tensor([ids], device=self.device)).logits[0].float()
+        answer = HfAnswer(ids, logits, self._greedy(ids, logits[-1]))
+        size = logits.numel() * 4
+        if self._kept_bytes + size <= KEEP_LOGITS_BYTES:
+            self._kept[i], self._kept_bytes = answer, self._kept_bytes + size
+        return answer
+
+    def _greedy(self, ids: list[int], last_logits) -> list[int]:
+        """Greedy continuation, token by token through end-of-turn too (argmax on both sides: generate()'s
+        min_new_tokens would suppress end-of-turn on the HF side only)."""
+        import torch
+
+        out, past, logits = [], None, last_logits
+        with torch.no_grad():
+            for _ in range(self.greedy_tokens):
+                token = int(torch.argmax(logits.double()))
+                out.append(token)
+                if past is None:
+                    step = self.model(torch.tensor([ids + [token]], device=self.device), use_cache=True)
+                else:
+                    step = self.model(torch.tensor([[token]], device=self.device), past_key_values=past,
+                                      use_cache=True)
+                past, logits = step.past_key_values, step.logits[0, -1].float()
+        return out
 
 
 def _greedy_gguf(llm, last_logits: np.ndarray, steps: int) -> list[int]:
@@ -43,34 +89,40 @@ def _greedy_gguf(llm, last_logits: np.ndarray, steps: int) -> list[int]:
     return out
 
 
-def parity(gguf: Path, hf_model, tokenizer, prompts: list[str], greedy_tokens: int, lora: Path | None = None) -> Parity:
-    """Compare a GGUF (optionally with a GGUF LoRA) with the HF model on rendered prompts."""
-    import llama_cpp
+def _compare(theirs, ours: np.ndarray) -> tuple[float, float]:
+    """Mean KL(HF || GGUF) over the positions and the top-1 agreement, in float64 on the HF logits' device."""
     import torch
 
-    width = max(len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts) + greedy_tokens + 8
-    llm = llama_cpp.Llama(str(gguf), lora_path=str(lora) if lora else None, n_ctx=max(512, width),
+    p = torch.log_softmax(theirs.double(), -1)
+    q = torch.log_softmax(torch.from_numpy(ours).to(theirs.device, torch.float64), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean()
+    top1 = (p.argmax(-1) == q.argmax(-1)).double().mean()
+    return float(kl), float(top1)
+
+
+def parity(gguf: Path, reference: HfReference, lora: Path | None = None) -> Parity:
+    """Compare a GGUF (optionally with a GGUF LoRA) with the HF model on the reference's prompts."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf), lora_path=str(lora) if lora else None, n_ctx=max(512, reference.width()),
                           logits_all=True, verbose=False, n_threads=os.cpu_count() or 1, seed=0)
     ids_equal, kls, top1, greedy_same = 0, [], [], 0
     try:
-        for prompt in prompts:
-            hf_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-            ids_equal += llm.tokenize(prompt.encode(), add_bos=False, special=True) == hf_ids
+        for i, prompt in enumerate(reference.prompts):
+            hf = reference.answer(i)
+            ids_equal += llm.tokenize(prompt.encode(), add_bos=False, special=True) == hf.ids
             llm.reset()
-            llm.eval(hf_ids)
-            ours = np.asarray(llm.scores[: len(hf_ids)], dtype=np.float64)
-            with torch.no_grad():
-                theirs = hf_model(torch.tensor([hf_ids])).logits[0].double().numpy()
-            p, q = _log_softmax(theirs), _log_softmax(ours)
-            kls.append(float((np.exp(p) * (p - q)).sum(-1).mean()))
-            top1.append(float((p.argmax(-1) == q.argmax(-1)).mean()))
-            hf_out = _greedy_hf(hf_model, hf_ids, theirs[-1], greedy_tokens)
-            gguf_out = _greedy_gguf(llm, ours[-1], greedy_tokens)
-            greedy_same += sum(a == b for a, b in zip(hf_out, gguf_out))
+            llm.eval(hf.ids)
+            ours = np.asarray(llm.scores[: len(hf.ids)], dtype=np.float64)
+            kl, agree = _compare(hf.logits, ours)
+            kls.append(kl)
+            top1.append(agree)
+            gguf_out = _greedy_gguf(llm, ours[-1], reference.greedy_tokens)
+            greedy_same += sum(a == b for a, b in zip(hf.greedy, gguf_out))
     finally:
         llm.close()
-    return Parity(token_ids_equal=ids_equal / len(prompts), kl=float(np.mean(kls)), top1=float(np.mean(top1)),
-                  greedy_match=greedy_same / (greedy_tokens * len(prompts)))
+    return Parity(token_ids_equal=ids_equal / len(reference), kl=float(np.mean(kls)), top1=float(np.mean(top1)),
+                  greedy_match=greedy_same / (reference.greedy_tokens * len(reference)))
 
 
 def check_thresholds(result: Parity, thresholds: dict) -> list[str]:

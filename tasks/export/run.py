@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +26,17 @@ from foundation.workspace import Workspace
 from schemas.config import ExportConfig, RunConfig
 from schemas.quants import in_export_order, smallest
 from tasks.export import ExportError
-from tasks.export.convert import convert_lora_to_gguf, convert_to_gguf, gguf_model_name, merge_adapter, quantize
+from tasks.export.convert import (
+    convert_lora_to_gguf,
+    convert_to_gguf,
+    export_device,
+    gguf_model_name,
+    merge_adapter,
+    quantize,
+)
 from tasks.engines.chat_format import chat_format, stop_tokens
 from tasks.export.modelfile import ollama_modelfile
-from tasks.export.parity import check_thresholds, gguf_adds_bos, parity, parity_prompts
+from tasks.export.parity import HfReference, check_thresholds, gguf_adds_bos, parity, parity_prompts
 from tasks.export.tools import LLAMA_CPP_PYTHON, llama_cpp_tools
 from tasks.preflight import check_export_fits
 
@@ -81,40 +89,56 @@ def plan(run: RunDir, source: ExportSource, workspace: Workspace, quants: list[s
     return job
 
 
-def merge(job: ExportJob):
-    """The merged 16-bit model on disk; its tokenizer, the fp32 reference and the parity prompts."""
+def merge(job: ExportJob) -> tuple[object, HfReference]:
+    """The merged 16-bit model on disk; its tokenizer and the fp32 reference side of parity (on the GPU when
+    there is one: the merge and the reference's forward passes are the export's torch work)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = export_device()
     t = time.monotonic()
-    merged = merge_adapter(job.source.model_path, job.source.adapter_dir, job.run.merged_dir, job.config.merge_dtype)
+    merged = merge_adapter(job.source.model_path, job.source.adapter_dir, job.run.merged_dir, job.config.merge_dtype,
+                           device)
     job.timed("merge_s", t)
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    return tokenizer, reference, parity_prompts(job.source.eval_split, tokenizer, job.config.parity_prompts, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, device_map=device).eval()
+    prompts = parity_prompts(job.source.eval_split, tokenizer, job.config.parity_prompts, seed=0)
+    return tokenizer, HfReference(model, tokenizer, prompts, job.config.greedy_tokens)
 
 
 def convert(job: ExportJob, out: Path) -> dict[str, Path]:
-    """Every GGUF into `out` (by kind: the quants, then lora), and the control beside the run."""
+    """Every GGUF into `out` (by kind: the quants, then lora), and the control beside the run.
+
+    The three conversions (merged f16, the base's f16 control, the LoRA) are separate converter processes,
+    mostly single-threaded, and run side by side; the quantiser (all cores) runs on the f16 once it is there."""
     log = job.run.export_log
-    t = time.monotonic()
     model_name = gguf_model_name(job.source.config.model.name)
-    files = {"f16": convert_to_gguf(job.tools, job.run.merged_dir, out / f"{job.name}-f16.gguf", log, model_name)}
-    job.timed("convert_s", t)
-    for quant in job.quants[1:]:
+
+    def timed(key: str, make):
         t = time.monotonic()
-        files[quant] = quantize(files["f16"], out / f"{job.name}-{quant}.gguf", quant)
-        job.timed(f"quantize_{quant}_s", t)
-    convert_to_gguf(job.tools, Path(job.source.model_path), job.run.control_gguf, log, model_name)
-    if job.config.lora_gguf:
-        t = time.monotonic()
-        files["lora"] = convert_lora_to_gguf(job.tools, job.source.model_path, job.source.adapter_dir,
-                                             out / f"{job.name}-lora-f16.gguf", log)
-        job.timed("convert_lora_s", t)
+        result = make()
+        job.timed(key, t)
+        return result
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        f16 = pool.submit(timed, "convert_s", lambda: convert_to_gguf(
+            job.tools, job.run.merged_dir, out / f"{job.name}-f16.gguf", log, model_name))
+        control = pool.submit(timed, "convert_control_s", lambda: convert_to_gguf(
+            job.tools, Path(job.source.model_path), job.run.control_gguf, log, model_name))
+        lora = pool.submit(timed, "convert_lora_s", lambda: convert_lora_to_gguf(
+            job.tools, job.source.model_path, job.source.adapter_dir, out / f"{job.name}-lora-f16.gguf", log)
+        ) if job.config.lora_gguf else None
+        files = {"f16": f16.result()}
+        for quant in job.quants[1:]:
+            files[quant] = timed(f"quantize_{quant}_s",
+                                 lambda q=quant: quantize(files["f16"], out / f"{job.name}-{q}.gguf", q))
+        control.result()
+        if lora is not None:
+            files["lora"] = lora.result()
     return files
 
 
-def check(job: ExportJob, files: dict[str, Path], reference, tokenizer, prompts, log) -> tuple[dict, list[str]]:
+def check(job: ExportJob, files: dict[str, Path], reference: HfReference, log) -> tuple[dict, list[str]]:
     """Parity of every GGUF (the LoRA on the base's f16 GGUF) and of the control; the misses."""
     t = time.monotonic()
     results: dict[str, Parity] = {}
@@ -122,15 +146,15 @@ def check(job: ExportJob, files: dict[str, Path], reference, tokenizer, prompts,
     control = job.run.control_gguf
     for kind, path in files.items():
         if kind == "lora":  # the base GGUF with the adapter applied at load time
-            result = parity(control, reference, tokenizer, prompts, job.config.greedy_tokens, lora=path)
+            result = parity(control, reference, lora=path)
         else:
-            result = parity(path, reference, tokenizer, prompts, job.config.greedy_tokens)
+            result = parity(path, reference)
         missed = check_thresholds(result, job.config.thresholds.get(kind, {}))
         results[kind] = result.model_copy(update={"passed": not missed})
         failures += [f"{kind}: {m}" for m in missed]
         log(f"parity {kind}: {results[kind].dump()}")
     # the control: the base without the adapter must be clearly worse, or the check proves nothing
-    results["control_base_f16"] = parity(control, reference, tokenizer, prompts, job.config.greedy_tokens)
+    results["control_base_f16"] = parity(control, reference)
     control.unlink()
     if not check_thresholds(results["control_base_f16"], job.config.thresholds["f16"]):
         failures.append("control: the base model without the adapter passes the f16 thresholds, so parity "
@@ -161,10 +185,10 @@ def export_run(run: RunDir, source: ExportSource, workspace: Workspace, quants: 
                log=print) -> ExportReport:
     """Merge, convert, quantize, check parity; gguf/ appears only when every check passed."""
     job = plan(run, source, workspace, quants, log)
-    tokenizer, reference, prompts = merge(job)
+    tokenizer, reference = merge(job)
     with staged_dir(run.gguf_dir) as tmp:
         files = convert(job, tmp)
-        results, failures = check(job, files, reference, tokenizer, prompts, log)
+        results, failures = check(job, files, reference, log)
         if failures:
             ExportReport(passed=False, parity=results, failures=failures, timings=job.timings).write(run.export_path)
             raise ExportError("GGUF parity failed: " + "; ".join(failures))

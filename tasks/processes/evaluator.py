@@ -11,18 +11,25 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 from foundation.artifacts import Answer, EvalScores, EvaluatorSpec, ModelScores
 from schemas.config import RunConfig
 
 
+def by_length(lengths: list[int]) -> list[int]:
+    """Indices longest first: a batch of neighbours pads little (and the first batch shows the peak memory)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
 def score_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
-    """Mean loss over every trained (label) token of the rows; batched, no grad."""
+    """Mean loss over every trained (label) token of the rows; batched by length, no grad."""
     import torch
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
+    rows = [rows[i] for i in by_length([len(r["input_ids"]) for r in rows])]
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         width = max(len(r["input_ids"]) for r in batch)
@@ -44,30 +51,33 @@ def score_loss(model, rows: list[dict], batch_size: int, pad_id: int) -> float:
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-             eot_ids: set[int]) -> list[tuple[str, bool]]:
-    """Greedy answers, batched with left padding and attention masks: (text, ended with end-of-turn)."""
+             eot_ids: set[int]) -> list[tuple[str, bool, int]]:
+    """Greedy answers in the prompts' order: (text, ended with end-of-turn, tokens generated). Batched with
+    left padding and attention masks, prompts of similar length together."""
     import torch
 
     from tasks.engines.chat_format import render
 
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
-    out: list[tuple[str, bool]] = []
-    for start in range(0, len(prompts), batch_size):
-        rendered = [
-            render(tokenizer, p, generation_prompt=True) for p in prompts[start : start + batch_size]
-        ]
-        enc = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    rendered = [render(tokenizer, p, generation_prompt=True) for p in prompts]
+    order = by_length([len(ids) for ids in tokenizer(rendered, add_special_tokens=False).input_ids])
+    out: dict[int, tuple[str, bool, int]] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        enc = tokenizer([rendered[i] for i in batch], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
         with torch.no_grad():
             generated = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=sorted(eot_ids), temperature=None, top_p=None, top_k=None,
             )
-        for row in generated[:, enc["input_ids"].shape[1] :].tolist():
+        for index, row in zip(batch, generated[:, enc["input_ids"].shape[1] :].tolist()):
             stop_at = next((i for i, t in enumerate(row) if t in eot_ids), None)
             tokens = row if stop_at is None else row[:stop_at]
-            out.append((tokenizer.decode(tokens, skip_special_tokens=True), stop_at is not None))
-    return out
+            out[index] = (tokenizer.decode(tokens, skip_special_tokens=True), stop_at is not None,
+                          len(row) if stop_at is None else stop_at + 1)
+    return [out[i] for i in range(len(prompts))]
 
 
 def score_model(engine, target, config: RunConfig, eval_rows, prompts, references) -> ModelScores:
@@ -76,15 +86,21 @@ def score_model(engine, target, config: RunConfig, eval_rows, prompts, reference
     from tasks.engines.chat_format import end_of_turn_ids
     from tasks.tokenize import tokenize_table
 
+    started = time.monotonic()
     model, tokenizer = engine.load_for_inference(target.model_path, target.adapter_dir, config)
+    loaded = time.monotonic()
     tokenized, _, _ = tokenize_table(tokenizer, eval_rows, config.train.max_seq_length)
     loss = score_loss(model, tokenized.select(["input_ids", "labels"]).to_pylist(), config.eval.batch_size,
                       tokenizer.pad_token_id)
-    replies = generate(model, tokenizer, list(prompts), config.eval.max_new_tokens, config.eval.batch_size,
-                       end_of_turn_ids(tokenizer))
+    scored = time.monotonic()
+    replies = generate(model, tokenizer, list(prompts), config.eval.max_new_tokens,
+                       config.eval.generation_batch_size, end_of_turn_ids(tokenizer))
     answers = [Answer(prompt=p[-1]["content"], reference=ref, prediction=text, stopped=stopped)
-               for p, ref, (text, stopped) in zip(prompts, references, replies)]
-    return ModelScores(metrics=score(loss, answers), answers=answers, eval_rows=tokenized.num_rows)
+               for p, ref, (text, stopped, _) in zip(prompts, references, replies)]
+    timings = {"load_s": loaded - started, "loss_s": scored - loaded, "generate_s": time.monotonic() - scored}
+    return ModelScores(metrics=score(loss, answers), answers=answers, eval_rows=tokenized.num_rows,
+                       timings={**{k: round(v, 2) for k, v in timings.items()},
+                                "generated_tokens": sum(n for _, _, n in replies)})
 
 
 def main(spec_path: str) -> None:

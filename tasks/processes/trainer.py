@@ -68,6 +68,13 @@ def emit(event: Artifact) -> None:
     _events.flush()
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (the kernel's start time, so the interpreter's own start counts)."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def exit_with_parent(interval_s: float = 1.0) -> None:
     """Exit when the process that started this one dies (the flow run killed, or `torchrun`'s agent
     under it): a trainer left running would write into the run directory the retry resumes from."""
@@ -212,6 +219,10 @@ def progress_callback(recipe: "TrainingRecipe"):
             if recipe.is_main:
                 emit(CheckpointEvent(step=state.global_step))
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if "first_step_s" not in recipe.startup:
+                recipe.startup.update(first_step_s=round(process_age_s(), 2), first_step_at=round(time.time(), 2))
+
     return Progress()
 
 
@@ -222,6 +233,7 @@ class TrainingRecipe:
         from tasks.engines import load_engine
 
         self.engine = load_engine(spec.engine)  # first: unsloth patches transformers/trl on import
+        self.startup = {"imports_s": round(process_age_s(), 2)}
         self.spec = spec
         self.config = RunConfig.model_validate(spec.config)
         self.run = RunDir(Path(spec.run_dir))
@@ -229,10 +241,10 @@ class TrainingRecipe:
         self.is_main = self.rank == 0
 
     def setup(self) -> None:
-        self._setup_model()
-        self._setup_data()
-        self._setup_trainer()
-        self._setup_callbacks()
+        for name, step in (("model_s", self._setup_model), ("data_s", self._setup_data),
+                           ("trainer_s", self._setup_trainer), ("callbacks_s", self._setup_callbacks)):
+            step()
+            self.startup[name] = round(process_age_s(), 2)
 
     def _setup_model(self) -> None:
         from transformers import set_seed
@@ -331,7 +343,7 @@ class TrainingRecipe:
                       trained_tokens=int(totals[0]), non_pad_tokens=int(totals[1]), train_loss=result.training_loss,
                       peak_mem_gib=round(max(totals[2:]), 3), peak_mem_gib_per_rank=[round(p, 3) for p in totals[2:]],
                       **self.batching.dump(), adapter_dir=str(self.run.adapter),
-                      attention_calls=dict(packed_attention.CALLS)))
+                      attention_calls=dict(packed_attention.CALLS), startup=self.startup))
 
     def _save_adapter(self) -> None:
         """The adapter appears whole or not at all: written aside, fsynced, then swapped into place (an

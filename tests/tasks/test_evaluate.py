@@ -104,6 +104,9 @@ def test_batched_greedy_generation_equals_one_by_one(tiny_model):
     batched = generate(model, tokenizer, prompts, 24, 4, eot)
     single = [generate(model, tokenizer, [p], 24, 1, eot)[0] for p in prompts]
     assert batched == single
+    # batches of prompts sorted by length, across batch boundaries: the answers still in the prompts' order
+    assert generate(model, tokenizer, prompts, 24, 3, eot) == single
+    assert len(set(single)) == len(single)  # distinct answers, so a reordering would show
     assert tokenizer.pad_token_id not in eot  # left padding with a distinct pad token
 
 
