@@ -221,6 +221,9 @@ class IdleWatch:
     async def stop_when_idle(self, server, idle_seconds: float) -> None:
         import asyncio
 
+        while not server.started:  # the idle time counts from when it answers (migrations come first)
+            await asyncio.sleep(0.1)
+        self.last_request = time.monotonic()
         while not server.should_exit:
             await asyncio.sleep(min(max(idle_seconds / 4, 0.2), 10.0))
             if self.idle_seconds() >= idle_seconds:
