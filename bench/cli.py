@@ -5,26 +5,31 @@ Run from the repository root:
 
     .venv/bin/python bench/cli.py
     .venv/bin/python bench/cli.py --runs 5 --root /tmp/sftflow-before     # another checkout, e.g. the commit before
-    .venv/bin/python bench/cli.py --ingest                                # also: ingest 100 rows, twice in one workspace
+    .venv/bin/python bench/cli.py --ingest                                # also: ingest 100 and 10,000 rows
 
 Options: --runs N (default 5; each case's figure is the median of N runs), --root DIR (the checkout whose
 `sftflow` package runs, via PYTHONPATH; default: this one), --only NAME[,NAME...] (only these cases, e.g.
 help,evaluate_unknown_run), --ingest (add the `ingest` cases, which start Prefect: tens of seconds each).
 
 What it does: each case runs `python -m sftflow ARGS` in a subprocess of this Python, with SFTFLOW_HOME and
-PREFECT_HOME in a fresh temporary directory and PREFECT_API_URL removed (so `ingest` uses its own temporary
-Prefect server, as on a machine without `sftflow up`). Wall time is measured around the subprocess. The
+PREFECT_HOME in a fresh temporary directory and PREFECT_API_URL and SFTFLOW_LOCAL_API_IDLE_S removed (so
+`ingest` uses the workspace's local Prefect API, or, in a checkout before it, a temporary server of its own,
+as on a machine without `sftflow up`). Wall time is measured around the subprocess. The
 failing cases must exit with status 2; a case that does not is reported with its status and stderr. The
 temporary directory is removed at the end.
 
 The `help` and `evaluate --run nope` cases also run once under `python -X importtime`; their ten largest
 imports (cumulative microseconds, as importtime reports them) are in `top_imports`.
 
-With --ingest: `ingest_first` ingests a 100-row alpaca.jsonl into a new workspace; `ingest_again` ingests
-another 100-row file into that workspace (N times, each a new file). Each ingest is split by the log's
-timestamps into `start_s` (process start to "Starting temporary server": interpreter, imports, checks),
-`server_s` (to "Beginning flow run": the temporary server starting), `flow_s` (to the flow's "Finished in
-state") and `stop_s` (the rest: the server stopping, the report).
+With --ingest: `ingest_first` ingests a 100-row alpaca.jsonl into a new workspace (starting its local API);
+`ingest_again` ingests another 100-row file into that workspace (N times, each a new file; the local API
+found and reused); `ingest_10k` then ingests a 10,000-row file into it (N times, each a new file). Each
+ingest is split by the log's timestamps into `start_s` (process start to "Beginning flow run": interpreter,
+imports, checks, finding or starting the local API, creating the flow run), `flow_s` (to the flow's
+"Finished in state") and `stop_s` (the rest: logs and events sent, the report, the interpreter's exit). A
+checkout that starts a temporary server per command also has `server_s`, the part of `start_s` from
+"Starting temporary server" to "Beginning flow run", and its `stop_s` includes stopping that server. The
+workspace's local API is stopped (`sftflow down`) at the end.
 
 Output: exactly one JSON line on stdout, {"bench": "cli", "cases": {name: median_s}, "max_help_s": ...,
 "failures": [...], ...}; progress goes to stderr. The exit status is 1 when a case exited wrongly.
@@ -70,6 +75,7 @@ def environment(root: Path, tmp: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(root), "SFTFLOW_HOME": str(tmp / "home"),
            "PREFECT_HOME": str(tmp / "prefect"), "SFTFLOW_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)
+    env.pop("SFTFLOW_LOCAL_API_IDLE_S", None)
     return env
 
 
@@ -110,7 +116,7 @@ def ingest_breakdown(path: Path, env: dict[str, str], cwd: Path) -> dict:
     if proc.returncode != 0:
         return {"wall_s": round(wall, 3), "exit": proc.returncode, "stderr": proc.stderr[-2000:]}
     t_start = start.hour * 3600 + start.minute * 60 + start.second + start.microsecond / 1e6
-    marks = {}
+    marks = {"start": t_start}
     for line in proc.stderr.splitlines():
         t = log_seconds(line)
         if t is None:
@@ -122,10 +128,11 @@ def ingest_breakdown(path: Path, env: dict[str, str], cwd: Path) -> dict:
         elif "Flow run" in line and "Finished in state" in line:
             marks["finished"] = t
     out = {"wall_s": round(wall, 3)}
-    if {"server", "flow", "finished"} <= marks.keys():
-        out |= {"start_s": round(marks["server"] - t_start, 3), "server_s": round(marks["flow"] - marks["server"], 3),
-                "flow_s": round(marks["finished"] - marks["flow"], 3),
+    if {"flow", "finished"} <= marks.keys():
+        out |= {"start_s": round(marks["flow"] - t_start, 3), "flow_s": round(marks["finished"] - marks["flow"], 3),
                 "stop_s": round(t_start + wall - marks["finished"], 3)}
+    if {"server", "flow"} <= marks.keys():
+        out["server_s"] = round(marks["flow"] - marks["server"], 3)
     return out
 
 
@@ -175,13 +182,16 @@ def bench(argv: list[str] | None, tmp: Path) -> int:
               "top_imports": top, "failures": failures}
 
     if args.ingest:
-        ingests = {"first": [], "again": []}
-        for i in range(args.runs + 1):
-            drop = tmp / "drops" / f"rows-{i}" / "alpaca.jsonl"
-            write_drop(drop, 100, str(i))
-            kind = "first" if i == 0 else "again"
-            ingests[kind].append(ingest_breakdown(drop.parent, env, tmp))
-            log(f"ingest_{kind:<21} {ingests[kind][-1]}")
+        ingests = {"first": [], "again": [], "10k": []}
+        plan = [("first", 100)] + [("again", 100)] * args.runs + [("10k", 10_000)] * args.runs
+        try:
+            for i, (kind, rows) in enumerate(plan):
+                drop = tmp / "drops" / f"rows-{i}" / "alpaca.jsonl"
+                write_drop(drop, rows, str(i))
+                ingests[kind].append(ingest_breakdown(drop.parent, env, tmp))
+                log(f"ingest_{kind:<21} {ingests[kind][-1]}")
+        finally:
+            run_once(["down"], env, tmp)  # the workspace's local API, if this checkout started one
         for kind, runs in ingests.items():
             ok = [r for r in runs if "exit" not in r]
             failures += [{"case": f"ingest_{kind}"} | r for r in runs if "exit" in r]

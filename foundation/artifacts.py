@@ -17,6 +17,7 @@ Files (under the workspace)                          model
   runs/<id>/export.json                               ExportReport
   registry/<name>/<version>/manifest.json             VersionManifest
   stack/state.json                                    StackState
+  prefect/local-api.json                              LocalApiState
 Messages
   flow results                                        DropReport, RunSummary, EvalReport, ExportReport,
                                                       PublishResult, PipelineSummary
@@ -517,3 +518,21 @@ class StackState(Artifact):
     database: str
     started_at: float
     processes: dict[str, StackProcess] = Field(default_factory=dict)
+
+class LocalApiState(Artifact):
+    """The workspace's local Prefect API (sftflow/local_api.py), for the commands that reuse it."""
+
+    local_api_id: str
+    pid: int
+    port: int
+    idle_seconds: float
+    log: str
+    started_at: float
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.dashboard_url}/api"

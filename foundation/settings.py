@@ -9,6 +9,8 @@
 | SFTFLOW_PROGRESS | 0: no progress bar on stderr while training (workers log events instead) | 1 |
 | SFTFLOW_DATABASE_URL | PostgreSQL URL for the stack's Prefect server (`sftflow up --database-url`) | SQLite in the workspace |
 | SFTFLOW_STACK_ID | set by `sftflow up` in the environment of what it starts, so `down` stops only those | unset |
+| SFTFLOW_LOCAL_API_IDLE_S | seconds the workspace's local Prefect API waits without a request before it stops; 0: start none (each command runs a temporary one) | 600 |
+| SFTFLOW_LOCAL_API_ID | set in the local Prefect API's environment, so a command adopts or stops only its own | unset |
 | SFTFLOW_CPU_RANKS | tests only, on a machine without CUDA: train with N data-parallel gloo ranks on the CPU | unset |
 
 Tests and benches read variables of their own, never product code: SFTFLOW_TEST_CACHE (keep the tiny
@@ -31,6 +33,8 @@ PROJECT_DIR_VAR = "SFTFLOW_PROJECT_DIR"
 PROGRESS = "SFTFLOW_PROGRESS"
 DATABASE_URL = "SFTFLOW_DATABASE_URL"
 STACK_ID = "SFTFLOW_STACK_ID"
+LOCAL_API_IDLE = "SFTFLOW_LOCAL_API_IDLE_S"
+LOCAL_API_ID = "SFTFLOW_LOCAL_API_ID"
 CPU_RANKS = "SFTFLOW_CPU_RANKS"
 
 
@@ -45,6 +49,7 @@ class Settings:
     progress: bool
     database_url: str | None
     stack_id: str | None
+    local_api_idle_s: float
     cpu_ranks: int | None
 
     @classmethod
@@ -59,6 +64,7 @@ class Settings:
             progress=env.get(PROGRESS, "1") != "0",
             database_url=env.get(DATABASE_URL) or None,
             stack_id=env.get(STACK_ID) or None,
+            local_api_idle_s=float(env.get(LOCAL_API_IDLE) or 600),
             cpu_ranks=int(cpu_ranks) if cpu_ranks else None,
         )
 

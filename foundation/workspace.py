@@ -10,7 +10,8 @@
       runs/<run_id>/                                           training runs (stores.runs)
       registry/<name>/<version>/                               published models (stores.registry)
       cache/                                                   model caches ($SFTFLOW_CACHE moves them)
-      prefect/                                                 PREFECT_HOME (embedded SQLite API, server DB)
+      prefect/                                                 PREFECT_HOME (SQLite database of the local API and the stack)
+      prefect/local-api.json, local-api.log                    the local Prefect API commands share (sftflow/local_api.py)
       stack/                                                   `sftflow up`: state.json and process logs
 
 A workspace written by a version of sftflow with another layout is refused before anything in it is
@@ -97,6 +98,14 @@ class Workspace:
     @property
     def prefect_home(self) -> Path:
         return self.root / "prefect"
+
+    @property
+    def local_api_state(self) -> Path:
+        return self.prefect_home / "local-api.json"
+
+    @property
+    def local_api_log(self) -> Path:
+        return self.prefect_home / "local-api.log"
 
     # The stores: each alone knows the layout under its directory.
 

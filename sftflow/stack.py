@@ -32,6 +32,7 @@ from foundation import settings
 from foundation.artifacts import StackProcess, StackState
 from foundation.errors import SftflowError
 from foundation.workspace import Workspace
+from sftflow import local_api
 
 BIN = Path(sys.executable).parent
 POOLS = {"cpu": None, "gpu": 1}  # name -> concurrency limit
@@ -206,6 +207,8 @@ def up(workspace: Workspace, port: int = 4200, host: str = "127.0.0.1", database
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise StackError(f"--host {host}: the stack listens on loopback only; put a reverse proxy with "
                          "authentication in front of it to share it")
+    if local_api.stop(workspace):  # two servers must not share the workspace's SQLite database
+        log("stopped the workspace's local Prefect API (the stack's server takes its place)")
     logs = workspace.stack_logs
     logs.mkdir(parents=True, exist_ok=True)
     stack_id = uuid.uuid4().hex
@@ -271,7 +274,13 @@ def restart_stopped(workspace: Workspace, state: StackState, log=print) -> dict:
 def status(workspace: Workspace) -> dict:
     state = read_state(workspace)
     if not state:
-        return {"running": False, "message": f"no stack was started from {workspace.root} (sftflow up starts one)"}
+        result = {"running": False, "message": f"no stack was started from {workspace.root} (sftflow up starts one)"}
+        if local := local_api.running(workspace):
+            result |= {"local_api": {"dashboard_url": local.dashboard_url, "api_url": local.api_url, "pid": local.pid,
+                                     "idle_seconds": local.idle_seconds, "log": local.log}} | _server_view(local.api_url)
+            result["message"] += (f"\nlocal Prefect API (commands share it): dashboard {local.dashboard_url}  pid "
+                                  f"{local.pid}, stops after {local.idle_seconds / 60:g} min without a request")
+        return result
     processes = {name: {**proc.dump(), "alive": is_ours(proc, state.stack_id)} for name, proc in state.processes.items()}
     result = {"running": any(p["alive"] for p in processes.values()), "dashboard_url": state.dashboard_url,
               "api_url": state.api_url, "database": state.database, "processes": processes,
@@ -304,11 +313,13 @@ def _server_view(api_url: str) -> dict:
 
 
 def down(workspace: Workspace, grace_seconds: float = 20.0) -> dict:
-    """Stop what `up` started (watcher, workers, then the server), by pid and stack id only."""
+    """Stop what `up` started (watcher, workers, then the server), by pid and stack id only, and the
+    workspace's local API."""
+    stopped = ["local-api"] if local_api.stop(workspace) else []
     state = read_state(workspace)
     if not state:
-        return {"stopped": [], "message": f"no stack was started from {workspace.root}"}
-    stopped = []
+        return {"stopped": stopped, "message": f"no stack was started from {workspace.root}"
+                + ("; stopped the local Prefect API" if stopped else "")}
     order = [n for n in ("watcher", "worker-gpu", "worker-cpu", "server") if n in state.processes]
     for name in order:
         proc = state.processes[name]
@@ -341,13 +352,13 @@ def _reap(pid: int) -> None:
 def configure_prefect_env(workspace: Workspace) -> None:
     """Point Prefect at the workspace before it is imported.
 
-    With no PREFECT_API_URL set, Prefect runs flows against its embedded (ephemeral) API backed by
-    SQLite under PREFECT_HOME; keeping that under the workspace keeps the source tree clean. When
-    `sftflow up` runs a server for this workspace, flows report to it (and show in its dashboard).
-    Values the user already set win.
+    With no PREFECT_API_URL set, flows report to the server `sftflow up` runs for this workspace, else
+    to the workspace's local API (sftflow/local_api.py, started on first use), else (turned off, or it
+    cannot start) to Prefect's temporary server; all keep their SQLite database under PREFECT_HOME,
+    under the workspace, which keeps the source tree clean. Values the user already set win.
     """
     if "PREFECT_API_URL" not in os.environ:
-        if api_url := active_api_url(workspace):  # `sftflow up` runs a server for this workspace: use it
+        if api_url := active_api_url(workspace) or local_api.api_url_for_command(workspace):
             os.environ["PREFECT_API_URL"] = api_url
     os.environ.setdefault("PREFECT_HOME", str(workspace.prefect_home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

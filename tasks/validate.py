@@ -22,8 +22,6 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import great_expectations as gx
-from great_expectations.data_context.types.base import ProgressBarsConfig
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -103,14 +101,19 @@ class ContractSuite:
     fixes: tuple[str, ...]
 
 
-def _quiet_gx() -> None:
+def _gx():
+    """great_expectations (~2 s to import), imported where a suite is loaded or run, not with this module:
+    a command that re-ingests a known drop or refuses one never validates."""
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="great_expectations")
+    import great_expectations
+
+    return great_expectations
 
 
 def load_suite(path: Path = SUITE_PATH) -> ContractSuite:
     """Load a suite file strictly: fail naming the expectation that did not load."""
-    _quiet_gx()
+    gx = _gx()
     try:
         spec = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
@@ -146,8 +149,9 @@ class ContractValidator:
     """Runs a loaded suite on feature frames through an ephemeral GX context (no files written)."""
 
     def __init__(self, contract: ContractSuite):
-        _quiet_gx()
+        from great_expectations.data_context.types.base import ProgressBarsConfig
 
+        gx = _gx()
         self.contract = contract
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -14,6 +15,9 @@ SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 # Keep Prefect and GX off the network and out of the source tree for the whole test session.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# Commands run their own temporary Prefect server, as before the local API: hundreds of CLI subprocesses in
+# fresh workspaces must not leave a server each behind. tests/test_local_api.py turns it on where it tests it.
+os.environ["SFTFLOW_LOCAL_API_IDLE_S"] = "0"
 
 
 def free_port() -> int:
@@ -36,6 +40,25 @@ def proc_stat(pid: int) -> list[str] | None:
 def pid_alive(pid: int) -> bool:
     stat = proc_stat(pid)
     return stat is not None and stat[0] != "Z"  # a zombie has died; only its exit status is left
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_local_api_left(tmp_path_factory):
+    """At the end of the session, stop any local Prefect API still running from this session's workspaces
+    (a test that failed before its own teardown)."""
+    yield
+    import signal
+
+    base = str(tmp_path_factory.getbasetemp())
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(b"SFTFLOW_LOCAL_API_ID=") for v in environ) and any(
+                v.startswith(b"PREFECT_HOME=" + base.encode()) for v in environ):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 @pytest.fixture
