@@ -116,6 +116,8 @@ def main() -> None:
             "loss_first_last": [summary.get("loss_first"), summary.get("loss_last")],
         })
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "sftflow", "down"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # the workspace's local Prefect API, if the commands started one
     result = {"bench": "startup_gpu", "rows": rows, "ingest": {"wall_s": round(ingest_wall, 1),
                                                                "accepted": ingest.get("accepted")},
               "steps": args.steps, "overrides": args.overrides, "runs": runs}

@@ -126,3 +126,22 @@ def test_a_model_without_a_template_needs_one_named_or_written(tiny_model, tmp_p
     example = tokenize_conversation(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "5"}],
                                     None, 64, eot(tokenizer))
     assert trained_text(tokenizer, example) == "5<|eot_id|>"
+
+
+def test_tokenizing_on_several_processes_gives_the_rows_and_gate_counts_of_one(tokenizer, monkeypatch):
+    """Large tables are tokenized in forked processes: same rows in the same order, same gate findings."""
+    import tasks.tokenize as tokenize
+
+    conversations = [[("user", f"What is {i} + {i}?"), ("assistant", str(2 * i))] for i in range(40)]
+    conversations[7] = [("user", "only a question")]  # no trainable token
+    conversations[23] = [("user", "a long one " * 200), ("assistant", "ok")]  # truncated
+    table = rows(*conversations)
+    serial, serial_examples, serial_found = tokenize.tokenize_table(tokenizer, table, 64)
+    monkeypatch.setattr(tokenize, "ROWS_PER_PROCESS", 9)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    forked, forked_examples, forked_found = tokenize.tokenize_table(tokenizer, table, 64)
+    assert forked.equals(serial) and forked.num_rows == 38
+    assert [e.labels for e in forked_examples] == [e.labels for e in serial_examples]
+    assert forked_found == serial_found
+    assert serial_found["truncated"] == 1 and [w for w, _ in serial_found["no_labels"]] == [
+        "f.jsonl row 8 (id 000000000000)", "f.jsonl row 24 (id 000000000000)"]
