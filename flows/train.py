@@ -17,14 +17,27 @@ from prefect import flow
 from foundation.artifacts import RunSummary
 from schemas.config import RunConfig
 from tasks.tokenize import tokenize_dataset
-from tasks.train import prepare_run, record_run, summarise_run, train_model
+from tasks.train import (
+    discard_early_worker,
+    prepare_run,
+    record_run,
+    start_worker_early,
+    summarise_run,
+    train_model,
+)
 
 
 @flow(name="train_adapter")
 def train_adapter(config: RunConfig, dataset_version: str | None = None, run_id: str | None = None) -> RunSummary:
     """Tokenize with gates, train (resumable), record the run; returns the run summary."""
     run = prepare_run(config, dataset_version, run_id)
-    tokenized = tokenize_dataset(run.dataset_version, run.model_path, config, run.run_id)
-    end = train_model(run.run_id, run.model_path, config, run.engine)
+    # the training process imports its libraries while the rows are tokenized and gated; it starts training
+    # only once train_model hands it the spec, and ends here if the gates refuse the run
+    start_worker_early(run.run_id, run.engine, config)
+    try:
+        tokenized = tokenize_dataset(run.dataset_version, run.model_path, config, run.run_id)
+        end = train_model(run.run_id, run.model_path, config, run.engine)
+    finally:
+        discard_early_worker(run.run_id)
     record_run(run, config, tokenized, end)
     return summarise_run(run.run_id)

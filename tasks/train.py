@@ -21,6 +21,7 @@ import io
 import os
 import platform
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -186,10 +187,12 @@ def prepare_run(config: RunConfig, dataset_version: str | None, run_id: str | No
 # ---------------------------------------------------------------------------------------------
 
 
-def worker_command(spec, ranks: int) -> list[str]:
-    """The training process: itself, or torchrun starting one per rank."""
+def worker_command(spec, ranks: int, early_engine: str | None = None) -> list[str]:
+    """The training process: itself (`early_engine`: started before its spec exists, see start_worker_early),
+    or torchrun starting one per rank."""
     if ranks == 1:
-        return processes.module_command("tasks.processes.trainer", str(spec))
+        return processes.module_command("tasks.processes.trainer", str(spec),
+                                        *(["--engine", early_engine] if early_engine else []))
     return processes.module_command("torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                                     "-m", "tasks.processes.trainer", str(spec))
 
@@ -293,24 +296,64 @@ def launch_environment(ranks: int, config: RunConfig, logger) -> dict[str, str]:
     return processes.child_env(extra=DATA_PARALLEL_ENV)
 
 
+# Training processes started before their run's tokenization, by run id (start_worker_early), for train_model
+# to take over. The engine's imports (Unsloth's: ~30 s on the GPU machine, every run) then overlap the
+# tokenization and the gates instead of following them.
+_STARTED_EARLY: dict[str, subprocess.Popen] = {}
+
+
+def start_worker_early(run_id: str, engine: str, config: RunConfig) -> None:
+    """Start the run's training process now, on one GPU (torchrun starts its ranks itself): it imports the
+    engine's libraries and waits for worker_spec.json, which train_model writes once the gates passed. It
+    touches no model and no data before then; `discard_early_worker` ends it when the run stops first."""
+    if training_ranks(config.train) != 1:
+        return
+    run = Workspace.from_env().runs.dir(run_id)
+    run.worker_spec.unlink(missing_ok=True)  # an earlier attempt's: the process would start from it at once
+    _STARTED_EARLY[run_id] = processes.start(worker_command(run.worker_spec, 1, early_engine=engine),
+                                             run.worker_log, processes.child_env(), stdout=subprocess.PIPE)
+
+
+def discard_early_worker(run_id: str) -> None:
+    """End the process start_worker_early started for the run, if train_model did not take it over."""
+    if (proc := _STARTED_EARLY.pop(run_id, None)) is not None:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _take_early_worker(run_id: str, engine: str, ranks: int) -> subprocess.Popen | None:
+    proc = _STARTED_EARLY.get(run_id)
+    if proc is None or proc.poll() is not None or ranks != 1 or proc.args[-1] != engine:
+        discard_early_worker(run_id)  # gone, or started for another engine: train_model starts its own
+        return None
+    return _STARTED_EARLY.pop(run_id)
+
+
 @task(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_if_worker_died, cache_policy=NO_CACHE)
 def train_model(run_id: str, model_path: str, config: RunConfig, engine: str) -> EndEvent:
-    """Run (or resume) training in a subprocess; returns its end event.
+    """Run (or resume) training in a subprocess (the one started early for the run, when there is one);
+    returns its end event.
 
     A config that cannot fit in the device's memory is refused first (ResourceError, not retried).
     """
-    import subprocess
-
     logger = get_run_logger()
     run = Workspace.from_env().runs.dir(run_id)
     ranks = training_ranks(config.train)
-    check_can_train(model_path, config, engine, ranks, logger.info)
+    try:
+        check_can_train(model_path, config, engine, ranks, logger.info)
+    except BaseException:
+        discard_early_worker(run_id)
+        raise
+    early = _take_early_worker(run_id, engine, ranks)
     WorkerSpec(run_dir=str(run.root), model_path=model_path, engine=engine,
                config=config.model_dump(mode="json")).write(run.worker_spec)
     follower = EventFollower(run, logger)
     env = launch_environment(ranks, config, logger)
     with open(run.worker_log, "a") as log, open(run.progress, "a") as events:
-        proc = processes.start(worker_command(run.worker_spec, ranks), run.worker_log, env, stdout=subprocess.PIPE)
+        proc = early or processes.start(worker_command(run.worker_spec, ranks), run.worker_log, env,
+                                        stdout=subprocess.PIPE)
         run.worker_pid.write_text(str(proc.pid))
         try:
             follower.follow(proc.stdout, log, events)

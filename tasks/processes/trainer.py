@@ -15,6 +15,10 @@ directory and reports progress on stdout as one `WorkerEvent` (foundation.artifa
      "attention_calls": {"varlen": 3840}}   (the attention path each call took, see packed_attention.CALLS)
     {"event": "error", "message": "model.load_in_4bit needs CUDA ..."}   (bad input; exit status 2)
 
+`python -m tasks.processes.trainer SPEC --engine NAME` is the process started early (see
+`tasks.train.start_worker_early`): it imports the engine's libraries (Unsloth's import alone is ~30 s on the
+GPU machine), then waits for SPEC, which the train task writes once the run's tokenization and gates passed.
+
 Everything else (library logs, warnings) goes to stderr, which the task saves to worker.log.
 
 The run is `TrainingRecipe`'s named steps, in the manner of torchtune's recipes: set up the model, the
@@ -357,18 +361,34 @@ class TrainingRecipe:
         replace_dir(tmp, final)
 
 
-def main(spec_path: str) -> None:
-    spec = WorkerSpec.read(Path(spec_path))
+def wait_for_spec(spec_path: Path, interval_s: float = 0.05) -> float:
+    """Started early (`--engine`): wait until the train task writes the spec (it is written atomically);
+    the seconds waited. The process ends with its parent (exit_with_parent) if the gates refuse the run."""
+    started = time.monotonic()
+    while not spec_path.exists():
+        time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+def main(spec_path: str, engine: str | None = None) -> None:
     exit_with_parent()
     claim_stdout()
-    recipe = TrainingRecipe(spec)
+    waited = None
+    if engine is not None:  # started before the run's tokenization: import the engine's libraries meanwhile
+        from tasks.engines import load_engine
+
+        load_engine(engine)
+        waited = wait_for_spec(Path(spec_path))
+    recipe = TrainingRecipe(WorkerSpec.read(Path(spec_path)))
+    if waited is not None:
+        recipe.startup["waited_for_spec_s"] = round(waited, 2)
     recipe.setup()
     recipe.train()
 
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1])
+        main(sys.argv[1], sys.argv[3] if sys.argv[2:3] == ["--engine"] else None)
     except SftflowError as exc:  # bad input (config, model): reported, not retried
         emit(ErrorEvent(message=str(exc)))
         sys.exit(2)
