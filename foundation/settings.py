@@ -8,6 +8,7 @@
 | SFTFLOW_PROJECT_DIR | the checkout the stack's workers run flows from (prefect.yaml's pull step) | this checkout |
 | SFTFLOW_PROGRESS | 0: no progress bar on stderr while training (workers log events instead) | 1 |
 | SFTFLOW_DATABASE_URL | PostgreSQL URL for the stack's Prefect server (`sftflow up --database-url`) | SQLite in the workspace |
+| SFTFLOW_SERVE_API_KEY | the API key `sftflow serve` requires of clients (`--api-key`); needed off loopback | unset |
 | SFTFLOW_STACK_ID | set by `sftflow up` in the environment of what it starts, so `down` stops only those | unset |
 | SFTFLOW_CPU_RANKS | tests only, on a machine without CUDA: train with N data-parallel gloo ranks on the CPU | unset |
 
@@ -19,7 +20,7 @@ SFTFLOW_BENCH_TRAIN (bench/train_gpu.py's training recipe).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -31,6 +32,7 @@ PROJECT_DIR_VAR = "SFTFLOW_PROJECT_DIR"
 PROGRESS = "SFTFLOW_PROGRESS"
 DATABASE_URL = "SFTFLOW_DATABASE_URL"
 STACK_ID = "SFTFLOW_STACK_ID"
+SERVE_API_KEY = "SFTFLOW_SERVE_API_KEY"
 CPU_RANKS = "SFTFLOW_CPU_RANKS"
 
 
@@ -46,6 +48,7 @@ class Settings:
     database_url: str | None
     stack_id: str | None
     cpu_ranks: int | None
+    serve_api_key: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -60,6 +63,7 @@ class Settings:
             database_url=env.get(DATABASE_URL) or None,
             stack_id=env.get(STACK_ID) or None,
             cpu_ranks=int(cpu_ranks) if cpu_ranks else None,
+            serve_api_key=env.get(SERVE_API_KEY) or None,
         )
 
 
