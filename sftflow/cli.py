@@ -276,7 +276,7 @@ def train(
         if dry_run:
             from tasks.dry_run import dry_run as dry_run_training, dry_run_text
 
-            with contextlib.redirect_stdout(sys.stderr):
+            with _flow_session():  # Prefect's settings under the workspace (the gates import it); no flow runs
                 report = dry_run_training(config, dataset, log=lambda m: typer.echo(m, err=True))
             _emit(report, as_json, dry_run_text(report))
             return
