@@ -83,6 +83,7 @@ def packed_sequences(input_ids: list[list[int]], labels: list[list[int]], max_le
     from trl import SFTConfig
     from trl.data_utils import pack_dataset
 
+    datasets.disable_progress_bars()  # as the training process does: stderr is for the dry run's own lines
     rows = datasets.Dataset.from_dict({"input_ids": input_ids, "labels": labels})
     packed = pack_dataset(rows, max_length, SFTConfig.__dataclass_fields__["packing_strategy"].default)
     trained = sum(sum(1 for t in row[1:] if t != IGNORE) for row in labels)

@@ -86,6 +86,19 @@ def test_the_dry_run_predicts_the_steps_and_tokens_training_then_uses(workspace,
     assert estimate["estimated_seconds"] == pytest.approx(estimate["trained_tokens"] / summary.tokens_per_s, abs=0.1)
 
 
+def test_with_packing_it_predicts_the_packed_sequences_steps_and_tokens(workspace, dataset, dry_run):
+    overrides = ["train.packing=true", "train.batch_size=2", "train.epochs=1"]
+    proc = dry_run(*(a for o in overrides for a in ("--set", o)), "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["packing"] and 1 < plan["sequences"] < plan["train_rows"]
+    assert plan["optimizer_steps"] == math.ceil(plan["sequences"] / 2)
+
+    summary = train_adapter(config=load_run_config(CONFIG, overrides))
+    assert summary.global_step == plan["optimizer_steps"]
+    assert summary.trained_tokens == plan["trained_tokens"]
+
+
 def test_the_human_report_says_nothing_was_started(dataset, dry_run):
     proc = dry_run()
     assert proc.returncode == 0, proc.stderr
