@@ -62,6 +62,7 @@ FAILING = {  # case name: arguments; each must exit 2 with its one-line error
     "export_unknown_run": ["export", "--run", "nope"],
     "publish_unknown_run": ["publish", "--run", "nope"],
     "chat_unknown_model": ["chat", "--model", "nope@v9"],
+    "serve_open_host_without_key": ["serve", "--host", "0.0.0.0"],
     "ingest_missing_path": ["ingest", "missing/path"],
 }
 LOG_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) \|")

@@ -1,7 +1,8 @@
 """Flow `train_adapter`: a dataset version + a RunConfig -> a LoRA adapter in a run directory.
 
 Run it:
-    sftflow train --config flows/configs/tiny_cpu.yaml [key=value ...] [--dataset VERSION] --json
+    sftflow train --config flows/configs/tiny_cpu.yaml [--set key=value ...] [--dataset VERSION] --json
+    sftflow train --config flows/configs/tiny_cpu.yaml --dry-run   # its gates and cost, without this flow (tasks.dry_run)
 or from Python:
     from flows.train import train_adapter; train_adapter(config=load_run_config(path))
 

@@ -8,6 +8,7 @@
 | SFTFLOW_PROJECT_DIR | the checkout the stack's workers run flows from (prefect.yaml's pull step) | this checkout |
 | SFTFLOW_PROGRESS | 0: no progress bar on stderr while training (workers log events instead) | 1 |
 | SFTFLOW_DATABASE_URL | PostgreSQL URL for the stack's Prefect server (`sftflow up --database-url`) | SQLite in the workspace |
+| SFTFLOW_SERVE_API_KEY | the API key `sftflow serve` requires of clients (`--api-key`); needed off loopback | unset |
 | SFTFLOW_STACK_ID | set by `sftflow up` in the environment of what it starts, so `down` stops only those | unset |
 | SFTFLOW_LOCAL_API_IDLE_S | seconds the workspace's local Prefect API waits without a request before it stops; 0: start none (each command runs a temporary one) | 600 |
 | SFTFLOW_LOCAL_API_ID | set in the local Prefect API's environment, so a command adopts or stops only its own | unset |
@@ -21,7 +22,7 @@ SFTFLOW_BENCH_TRAIN (bench/train_gpu.py's training recipe).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -35,6 +36,7 @@ DATABASE_URL = "SFTFLOW_DATABASE_URL"
 STACK_ID = "SFTFLOW_STACK_ID"
 LOCAL_API_IDLE = "SFTFLOW_LOCAL_API_IDLE_S"
 LOCAL_API_ID = "SFTFLOW_LOCAL_API_ID"
+SERVE_API_KEY = "SFTFLOW_SERVE_API_KEY"
 CPU_RANKS = "SFTFLOW_CPU_RANKS"
 
 
@@ -51,6 +53,7 @@ class Settings:
     stack_id: str | None
     local_api_idle_s: float
     cpu_ranks: int | None
+    serve_api_key: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -66,6 +69,7 @@ class Settings:
             stack_id=env.get(STACK_ID) or None,
             local_api_idle_s=float(env.get(LOCAL_API_IDLE) or 600),
             cpu_ranks=int(cpu_ranks) if cpu_ranks else None,
+            serve_api_key=env.get(SERVE_API_KEY) or None,
         )
 
 

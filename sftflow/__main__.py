@@ -1,3 +1,3 @@
 from sftflow.cli import app
 
-app()
+app(prog_name="sftflow")  # as the console script: its usage lines, and shell completion's _SFTFLOW_COMPLETE

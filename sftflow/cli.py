@@ -37,7 +37,6 @@ app = typer.Typer(
     help="sftflow: raw instruction drops -> validated datasets -> QLoRA SFT -> evaluated, published models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 
 SAMPLE_DROPS = Path(__file__).resolve().parent.parent / "data" / "drops"
@@ -201,6 +200,18 @@ def _pydantic_message(exc: Exception) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors) or str(exc)
 
 
+OverridesArgument = Annotated[Optional[list[str]], typer.Argument(
+    metavar="[KEY=VALUE]...", help="Dotted key=value overrides, the same as --set (e.g. train.max_steps=20).")]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="A dotted key=value override of the config (repeatable), e.g. --set train.max_steps=20.")]
+
+
+def _overrides(positional: list[str] | None, options: list[str] | None) -> list[str]:
+    """The overrides of a command that takes both forms: the positional ones, then the --set ones (a key given
+    twice takes the last value)."""
+    return [*(positional or []), *(options or [])]
+
+
 config_app = typer.Typer(help="Run configs: check them before a run.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -208,7 +219,8 @@ app.add_typer(config_app, name="config")
 @config_app.command("validate")
 def config_validate(
     file: Annotated[Path, typer.Argument(help="A run config YAML (e.g. flows/configs/tiny_cpu.yaml).")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted key=value overrides.")] = None,
+    overrides: OverridesArgument = None,
+    override: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Validate a run config (with overrides) and report every error at once."""
@@ -216,7 +228,7 @@ def config_validate(
     from schemas.config import config_hash, load_run_config
 
     try:
-        config = load_run_config(file, overrides or [])
+        config = load_run_config(file, _overrides(overrides, override))
     except SftflowError as exc:
         _fail(exc)
     for warning in config.warnings():  # on stderr: the --json object on stdout keeps its shape
@@ -250,8 +262,12 @@ def config_import(
 @app.command()
 def train(
     config_file: Annotated[Path, typer.Option("--config", help="Run config YAML, e.g. flows/configs/tiny_cpu.yaml.")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted key=value overrides, e.g. train.max_steps=20.")] = None,
+    overrides: OverridesArgument = None,
+    override: SetOption = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset version (default: the current one).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Resolve the model, tokenize the dataset and run the mask, EOS and memory gates, then print "
+        "the memory estimate, optimizer steps, tokens and estimated time; start nothing.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Fine-tune a LoRA adapter on a dataset version (flow train_adapter; training runs in a subprocess)."""
@@ -260,9 +276,16 @@ def train(
     from schemas.config import load_run_config
 
     try:
-        config = load_run_config(config_file, overrides or [])
+        config = load_run_config(config_file, _overrides(overrides, override))
         # the flow's first check (prepare_run), before Prefect starts: an unknown --dataset, or none ingested yet
         Workspace.from_env().check_layout().datasets.find(dataset)
+        if dry_run:
+            from tasks.dry_run import dry_run as dry_run_training, dry_run_text
+
+            with _flow_session():  # Prefect's settings under the workspace (the gates import it); no flow runs
+                report = dry_run_training(config, dataset, log=lambda m: typer.echo(m, err=True))
+            _emit(report, as_json, dry_run_text(report))
+            return
         with _flow_session():
             from flows.train import train_adapter
 
@@ -311,6 +334,9 @@ def export(
     run: Annotated[str, typer.Option("--run", help="Run id of a finished training run.")],
     quant: Annotated[Optional[str], typer.Option(
         "--quant", help=f"Comma list of {','.join(QUANT_NAMES)} (default: the config's).")] = None,
+    ollama: Annotated[Optional[str], typer.Option(
+        "--ollama", metavar="NAME", help="Then create Ollama model NAME from the export's Modelfile (ollama create "
+        "NAME -f Modelfile) when ollama is on PATH; else print the command to run.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Merge the adapter, write GGUF files with llama.cpp's tools, check each against the HF model."""
@@ -320,6 +346,10 @@ def export(
     if quants and not set(quants) <= set(QUANT_NAMES):
         _fail(ConfigError(f"--quant {quant}: choose from {', '.join(QUANT_NAMES)}"))
     try:
+        if ollama is not None:
+            from tasks.export.ollama import check_model_name
+
+            check_model_name(ollama)
         _check_finished_run(run)
         with _flow_session():
             from flows.export import export_model
@@ -331,7 +361,20 @@ def export(
     for kind, p in result.parity.items():
         lines.append(f"  {kind:<17} KL {p.kl:.2e}  top-1 {p.top1:.3f}  greedy {p.greedy_match:.3f}  "
                      f"ids {'equal' if p.token_ids_equal == 1 else 'DIFFER'}")
-    _emit(result, as_json, "\n".join(lines))
+    if ollama is None:
+        _emit(result, as_json, "\n".join(lines))
+        return
+    from tasks.export.ollama import OllamaError, create_model
+
+    try:
+        created = create_model(ollama, Path(result.modelfile))
+    except OllamaError as exc:
+        if as_json:
+            _emit(result.dump() | {"ollama": {"name": ollama, "created": False, "error": str(exc)}}, True, "")
+        _fail(exc)
+    lines.append(f"ollama: created {ollama} (ollama run {ollama})" if created["created"] else
+                 f"ollama: {created['reason']}; create the model with:\n  {created['command']}")
+    _emit(result.dump() | {"ollama": created}, as_json, "\n".join(lines))
 
 
 @app.command()
@@ -388,20 +431,34 @@ def chat(
 @app.command()
 def serve(
     model: Annotated[Optional[str], typer.Option("--model", help="NAME[@VERSION] (default: the champion).")] = None,
-    port: Annotated[int, typer.Option(help="Loopback port.")] = 8000,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on. Anything but loopback (127.0.0.1, ::1, localhost) needs an API key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", min=0, help="Context length in tokens (0: the model's own).")] = 0,
+    n_gpu_layers: Annotated[int, typer.Option(
+        "--n-gpu-layers", min=-1, help="Layers offloaded to the GPU (-1: all; 0: none, CPU only).")] = 0,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", help="Require this key of every request (Authorization: Bearer KEY); default "
+        "$SFTFLOW_SERVE_API_KEY. Never printed.")] = None,
 ) -> None:
-    """Serve a published model's GGUF as an OpenAI-compatible chat API on 127.0.0.1 (llama-cpp-python's server)."""
+    """Serve a published model's GGUF as an OpenAI-compatible chat API (llama-cpp-python's server), on
+    loopback unless --host says otherwise (and then only with an API key)."""
     from foundation.errors import SftflowError
+    from foundation.settings import settings
     from foundation.workspace import Workspace
-    from tasks.serve import published_gguf, server_command
+    from tasks.serve import check_exposure, published_gguf, server_command, server_env
 
+    api_key = api_key or settings().serve_api_key
     try:
+        check_exposure(host, api_key)
         gguf = published_gguf(Workspace.from_env(), model)
     except SftflowError as exc:
         _fail(exc)
-    command = server_command(gguf, port)
-    typer.echo(f"serving {gguf} at http://127.0.0.1:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", err=True)
-    os.execv(command[0], command)
+    command = server_command(gguf, port, host=host, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
+    address = f"[{host}]" if ":" in host else host
+    typer.echo(f"serving {gguf} at http://{address}:{port}/v1 (OpenAI-compatible; "
+               f"{'API key required' if api_key else 'no API key'}; Ctrl-C stops)", err=True)
+    os.execve(command[0], command, server_env(dict(os.environ), api_key))
 
 
 models_app = typer.Typer(help="Published models in the registry ($SFTFLOW_HOME/registry).", no_args_is_help=True)
@@ -594,7 +651,7 @@ def demo(as_json: JsonOption = False) -> None:
 def pipeline(
     drops: Annotated[Optional[list[str]], typer.Argument(help="Drops to ingest first (paths or fsspec URLs).")] = None,
     config_file: Annotated[Path, typer.Option("--config", help="Run config YAML.")] = DEMO_CONFIG,
-    override: Annotated[Optional[list[str]], typer.Option("--set", help="A dotted key=value override (repeatable).")] = None,
+    override: SetOption = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset version (default: the current one).")] = None,
     force: Annotated[bool, typer.Option(help="Train even if this dataset version was trained with this config.")] = False,
     as_json: JsonOption = False,

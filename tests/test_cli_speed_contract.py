@@ -71,6 +71,11 @@ FAILING = [
     (["publish", "--run", "../escape"], "no finished training run '../escape'"),
     (["chat", "--model", "nope@v9"], "no model 'nope'"),
     (["serve", "--model", "nope@v9"], "no model 'nope'"),
+    (["serve", "--host", "0.0.0.0"], "serving there needs an API key"),
+    (["export", "--run", "nope", "--ollama", "a b"], "not an Ollama model name"),
+    (["train", "--config", str(ROOT / "flows/configs/tiny_cpu.yaml"), "--set", "train.max_step=5"],
+     "did you mean train.max_steps?"),
+    (["train", "--config", str(ROOT / "flows/configs/tiny_cpu.yaml"), "--dry-run"], "ingest a drop first"),
     (["models", "verify", "nope@v9"], "no model 'nope'"),
     (["ingest", "missing/path"], "no such file or directory"),
     (["ingest", str(SAMPLE_DROPS / "arithmetic"), "--format", "csv"], "--format csv: choose from"),
@@ -89,6 +94,26 @@ def test_argument_errors_answer_before_anything_heavy(cli, tmp_path, args, says)
     assert says in "\n".join(rest)
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_shell_completion_is_typers_and_as_light_as_help(cli):
+    """`sftflow --show-completion bash` prints the script that calls back with _SFTFLOW_COMPLETE, and a
+    completion request through that protocol answers without importing anything heavy."""
+    proc, imported, _ = cli("--show-completion", "bash")
+    assert proc.returncode == 0, proc.stderr
+    assert "_SFTFLOW_COMPLETE=complete_bash" in proc.stdout and "complete -o default -F _sftflow_completion sftflow" in proc.stdout
+    assert imported.isdisjoint(HEAVY)
+
+
+@pytest.mark.parametrize(("words", "expected"), [("sftflow ru", {"runs"}), ("sftflow train --dry", {"--dry-run"}),
+                                                 ("sftflow serve --n-", {"--n-ctx", "--n-gpu-layers"})])
+def test_completion_protocol_completes_commands_and_options(tmp_path, words, expected):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "_SFTFLOW_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - 1)}
+    proc = subprocess.run([sys.executable, "-m", "sftflow"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert set(proc.stdout.split()) == expected
 
 
 def test_help_lists_the_ingest_formats_of_the_readers():

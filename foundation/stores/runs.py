@@ -99,6 +99,13 @@ class RunStore:
             raise NotFoundError(f"no finished training run {run_id!r} in {self.root}; list them with: ls {self.root}")
         return run
 
+    def finished_runs(self) -> list[RunDir]:
+        """Every finished run, the latest finished first (by its manifest's time)."""
+        if not self.root.is_dir():
+            return []
+        found = [RunDir(p) for p in self.root.iterdir() if not p.name.startswith(".") and (p / "manifest.json").is_file()]
+        return sorted(found, key=lambda r: (r.manifest_path.stat().st_mtime, r.run_id), reverse=True)
+
     def attempt(self, base: str, force: bool) -> str:
         """The run id of the latest attempt named `base` (`base`, `base-r2`, ...); with `force`, a new
         attempt when the latest has finished. An attempt that has not finished is always resumed."""

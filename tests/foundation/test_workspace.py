@@ -52,6 +52,8 @@ def test_settings_read_every_variable_from_the_environment_given():
                                   "SFTFLOW_CPU_RANKS": "2", "SFTFLOW_DATABASE_URL": "postgresql+asyncpg://db"})
     assert (settings.home, settings.cache, settings.progress, settings.cpu_ranks) == (Path("/w"), Path("/c"), False, 2)
     assert settings.database_url == "postgresql+asyncpg://db" and settings.stack_id is None
+    keyed = Settings.from_env({"SFTFLOW_SERVE_API_KEY": "s3cret"})
+    assert keyed.serve_api_key == "s3cret" and "s3cret" not in repr(keyed)  # a secret stays out of reprs and logs
     defaults = Settings.from_env({})
     assert defaults.home == Path(".sftflow").absolute() and defaults.cache is None and defaults.progress
 
