@@ -101,13 +101,45 @@ def stack(tmp_path_factory, model_cache):
         cli(env, "down")
 
 
-def test_a_landed_drop_runs_the_chain_to_a_new_champion_and_a_repeat_trains_nothing(stack):
+def live_loss_curve_pages(dashboard: str, home: Path, profile: Path, timeout: float = 1200) -> list[tuple[int, str]]:
+    """The loss-curve artifact's page, opened in Chromium while the run trains, at two successive live
+    versions: (the step it shows, the page's text), each with a screenshot beside the stack's home."""
+    import re
+
+    from tests.integration.browser import Browser
+
+    browser = Browser(profile)
+    pages: list[tuple[int, str]] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(pages) < 2 and time.monotonic() < deadline:
+            browser.goto(f"{dashboard}/artifacts/key/loss-curve")
+            time.sleep(2)  # the single-page app renders the latest version
+            text = browser.text()
+            live = re.search(r"training: step (\d+) of \d+", text)
+            if live and (not pages or int(live[1]) > pages[-1][0]):
+                browser.screenshot(home / f"dashboard-loss-curve-{len(pages) + 1}.png")
+                pages.append((int(live[1]), text))
+            elif "finished at step" in text:
+                break  # the run ended before a second live version was seen
+    finally:
+        browser.close()
+    return pages
+
+
+def test_a_landed_drop_runs_the_chain_to_a_new_champion_and_a_repeat_trains_nothing(stack, tmp_path):
     home, api = stack["home"], stack["api"]
     status = cli(stack["env"], "status")
     assert status["api_healthy"] and all(p["alive"] for p in status["processes"].values())
     assert set(status["work_pools"]) >= {"cpu", "gpu"} and status["work_pools"]["gpu"]["concurrency_limit"] == 1
 
     shutil.copytree(SAMPLE_DROPS / "arithmetic", home / "landing" / "arithmetic-2026-11")
+    # the dashboard's loss curve is live: opened twice while the run trains, it shows a later step the second time
+    pages = live_loss_curve_pages(stack["state"]["dashboard_url"], home, tmp_path / "chromium")
+    assert len(pages) == 2 and pages[0][0] < pages[1][0], [step for step, _ in pages]
+    assert pages[0][1] != pages[1][1]
+    shots = [(home / f"dashboard-loss-curve-{i}.png").read_bytes() for i in (1, 2)]
+    assert shots[0] != shots[1] and all(len(shot) > 20_000 for shot in shots)
     runs = api.wait_for(lambda rs: completed(rs, "sft_pipeline"), "the pipeline to complete", 1500, home)
     for flow in CHAIN:
         assert len(completed(runs, flow)) == 1, (flow, runs)
@@ -164,15 +196,21 @@ def test_the_dashboard_shows_the_pipeline_subflows_and_artifacts(stack, tmp_path
         # the stages' artifacts: the drop's counts and quarantine, the loss plot, the evaluation table
         for key, content in [("drop-arithmetic-2026-11-counts", "counts and quarantine reasons"),
                              ("drop-arithmetic-2026-11-quarantine", "quarantined examples and their reasons"),
-                             ("loss-curve", "Training loss of"), ("evaluation", "base vs candidate vs champion"),
+                             ("loss-curve", "finished at step"), ("evaluation", "base vs candidate vs champion"),
+                             ("evaluation-samples", "every sampled eval row"),
+                             ("published-model", "sftflow chat --model tiny-sft@v0001"),
                              ("gguf-parity", "GGUF parity against the merged HF model")]:
             browser.goto(f"{dashboard}/artifacts/key/{key}")
-            browser.wait_for_text(key, content)
+            text = browser.wait_for_text(key, content)
             if key == "evaluation":
                 browser.screenshot(home / "dashboard-artifacts.png")
+            if key == "evaluation-samples":  # the table's columns: the prompt, the reference, each model's answer
+                assert all(column in text for column in ("prompt", "reference", "base", "candidate"))
+                browser.screenshot(home / "dashboard-evaluation-samples.png")
     finally:
         browser.close()
-    for name in ("dashboard-pipeline.png", "dashboard-pipeline-subflows.png", "dashboard-artifacts.png"):
+    for name in ("dashboard-pipeline.png", "dashboard-pipeline-subflows.png", "dashboard-artifacts.png",
+                 "dashboard-evaluation-samples.png"):
         assert (home / name).stat().st_size > 20_000  # a rendered page, not a blank one
 
 
