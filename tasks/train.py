@@ -262,7 +262,10 @@ class EventFollower:
             self.logs_since_curve += 1
             if self.logs_since_curve >= self.curve_every:
                 self.logs_since_curve = 0
-                publish_loss_curve(self.run, self.max_steps, final=False)
+                try:
+                    publish_loss_curve(self.run, self.max_steps, final=False)
+                except Exception as exc:  # a live view: the training goes on without it (the final one is recorded)
+                    self.logger.warning("live loss curve not published at step %s: %s", event.step, exc)
         elif event.event == "eval":
             self.logger.info("step %s eval loss %.4f", event.step, event.eval_loss)
         elif event.event == "checkpoint":
