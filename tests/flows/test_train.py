@@ -32,6 +32,18 @@ def dataset(workspace, tiny_model):
     return report.dataset_version
 
 
+def tensorboard_scalars(run_dir) -> dict[str, list]:
+    """Every scalar series in a run's TensorBoard logdir, read with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for logdir in {p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents*")}:
+        events = EventAccumulator(str(logdir))
+        events.Reload()
+        scalars |= {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+    return scalars
+
+
 def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -65,7 +77,8 @@ def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
     assert manifest["config_hash"] == summary.config_hash and manifest["dataset_version"] == dataset
     assert manifest["seed"] == 42 and manifest["libraries"]["trl"] == "1.15.0"
     assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
-    assert any((run_dir / "tensorboard").rglob("events.out.tfevents*"))
+    # `tensorboard --logdir` reads the run: its own reader finds a train loss at every logged step
+    assert [e.step for e in tensorboard_scalars(run_dir)["train/loss"]] == list(range(2, 41, 2))
 
 
 def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, dataset):
@@ -193,7 +206,6 @@ def test_train_loss_and_eval_metrics_land_in_the_same_mlflow_run_and_tensorboard
                                                                                      monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow is optional: pip install mlflow-skinny")
     from mlflow.tracking import MlflowClient
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from flows.evaluate import evaluate_adapter
 
@@ -217,12 +229,7 @@ def test_train_loss_and_eval_metrics_land_in_the_same_mlflow_run_and_tensorboard
     assert len(client.search_runs([tracked.info.experiment_id])) == 1  # the evaluation made no run of its own
 
     # tensorboard: its own reader finds the train loss and the eval scalars in the run's logdir
-    logdirs = {p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents*")}
-    scalars = {}
-    for logdir in logdirs:
-        events = EventAccumulator(str(logdir))
-        events.Reload()
-        scalars |= {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+    scalars = tensorboard_scalars(run_dir)
     assert [e.step for e in scalars["train/loss"]] == [2, 4, 6, 8, 10, 12]
     [candidate_loss] = scalars["eval/candidate/eval_loss"]
     assert candidate_loss.step == 12 and candidate_loss.value == pytest.approx(result.scores["candidate"]["eval_loss"])
