@@ -255,7 +255,8 @@ class TrainConfig(StrictModel):
         0.05, ge=0, le=1, description="Fail before training when more than this share of rows is truncated."
     )
     report_to: list[str] = Field(
-        ["tensorboard"], description="Trackers, as trl's report_to (tensorboard, mlflow, wandb, ...); [] for none."
+        ["tensorboard"], description="Trackers, as trl's report_to (tensorboard, mlflow, wandb, ...); [] for none. "
+        "The evaluation logs its metrics into the same tracker run; mlflow and wandb must be installed (pip install).",
     )
 
     @field_validator("report_to")
