@@ -206,7 +206,7 @@ def _retry_if_worker_died(task, task_run, state) -> bool:
 
 
 LOSS_CURVE_VERSIONS = 20  # live versions of the loss-curve artifact a run publishes at most
-LOSS_CURVE_EVERY = 5  # ... and never more often than every this many logged steps
+LOSS_CURVE_EVERY = 2  # ... and never more often than every this many logged steps
 
 
 def loss_curve_cadence(max_steps: int, logging_steps: int) -> int:
@@ -375,25 +375,30 @@ def loss_curve_png(events: list[WorkerEvent]) -> bytes:
     return buffer.getvalue()
 
 
+def training_stage(events: list[WorkerEvent], max_steps: int, final: bool) -> str:
+    """Where a run is, as the loss curve's artifact says it: "step 25 of 60 (live)", "finished at step 60"."""
+    logs = [e for e in events if e.event == "log"]
+    if final:
+        return f"finished at step {logs[-1].step}" if logs else "finished"
+    return f"step {logs[-1].step} of {max_steps} (live)" if logs else "started (live)"
+
+
 def loss_curve_markdown(run_id: str, events: list[WorkerEvent], png: bytes, max_steps: int, final: bool) -> str:
     """The loss-curve artifact: where the run is, the plot, and the command that shows the run."""
     logs = [e for e in events if e.event == "log"]
-    if final:
-        where = f"finished at step {logs[-1].step}" if logs else "finished"
-    else:
-        where = f"training: step {logs[-1].step} of {max_steps}" if logs else "training"
     loss = f", loss {logs[-1].loss:.4f}" if logs else ""
-    return (f"# Loss curve: `{run_id}`\n\n{where}{loss}\n\n"
+    return (f"# Loss curve: `{run_id}`\n\n{training_stage(events, max_steps, final)}{loss}\n\n"
             f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"
             f"The run, its loss and its files: `sftflow runs show {run_id}`\n")
 
 
 def publish_loss_curve(run: RunDir, max_steps: int, final: bool) -> bytes:
-    """A new version of the `loss-curve` artifact from the run's events so far; the plot."""
+    """A new version of the `loss-curve` artifact from the run's events so far; the plot. The description
+    says where the run is too: the dashboard's page of the key shows the latest version's description."""
     events = run.events()
     png = loss_curve_png(events)
     create_markdown_artifact(key="loss-curve", markdown=loss_curve_markdown(run.run_id, events, png, max_steps, final),
-                             description=f"Training loss of {run.run_id}" + ("" if final else " (live)"))
+                             description=f"Training loss of {run.run_id}: {training_stage(events, max_steps, final)}")
     return png
 
 

@@ -119,17 +119,19 @@ def test_the_loss_curve_artifact_grows_while_the_run_trains(workspace, dataset):
         ended = any(e.event == "end" for e in run.events())  # read before the artifacts: these were made earlier
         if not ended:
             for artifact in _loss_curves(run_id):
-                if step := re.search(r"training: step (\d+) of 60", artifact.data):
+                if step := re.search(r": step (\d+) of 60 \(live\)", artifact.description):
                     seen_while_training.add(int(step[1]))
         time.sleep(0.1)
     runner.join()
 
-    # a new version every 5 logged steps (30 logs in the run), seen on the server before the run ended
+    # a new version every 2 logged steps (30 logs in the run), seen on the server before the run ended
     assert len(seen_while_training) >= 2, seen_while_training
     versions = _loss_curves(run_id)
-    live = [int(m[1]) for a in versions if (m := re.search(r"training: step (\d+) of 60", a.data))]
-    assert live == [10, 20, 30, 40, 50, 60]
-    assert "finished at step 60" in versions[-1].data and "(live)" not in versions[-1].description
+    live = [int(m[1]) for a in versions if (m := re.search(r": step (\d+) of 60 \(live\)", a.description))]
+    assert live == list(range(4, 61, 4))
+    assert all(f"step {step} of 60 (live)" in a.data for step, a in zip(live, versions))
+    assert versions[-1].description == f"Training loss of {run_id}: finished at step 60"
+    assert "finished at step 60" in versions[-1].data and len(versions) == len(live) + 1
     assert all(a.type == "markdown" and "data:image/png;base64," in a.data for a in versions)
     assert all(f"sftflow runs show {run_id}" in a.data for a in versions)
 

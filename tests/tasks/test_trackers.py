@@ -29,11 +29,12 @@ def test_eval_scalars_name_the_model_and_leave_out_missing_values():
                                     "eval/candidate/chrf": 40.0}
 
 
-def test_the_loss_curve_is_published_about_twenty_times_a_run_and_at_most_every_five_logs():
-    assert loss_curve_cadence(60, 2) == 5  # 30 logs: every 5
+def test_the_loss_curve_is_published_about_twenty_times_a_run_and_at_most_every_second_log():
+    assert loss_curve_cadence(60, 2) == 2  # 30 logs: every 2
+    assert loss_curve_cadence(60, 5) == 2
     assert loss_curve_cadence(1000, 1) == 50  # 1000 logs: 20 versions
     assert loss_curve_cadence(1001, 1) == 51
-    assert loss_curve_cadence(3, 10) == 5
+    assert loss_curve_cadence(3, 10) == 2
 
 
 def test_the_loss_curve_markdown_says_where_the_run_is():
@@ -41,6 +42,6 @@ def test_the_loss_curve_markdown_says_where_the_run_is():
 
     logs = [LogEvent(step=s, loss=3.0 / s, trained_tokens=10 * s, elapsed_s=s) for s in (2, 4)]
     live = loss_curve_markdown("r1", logs, b"png", 60, final=False)
-    assert "training: step 4 of 60, loss 0.7500" in live and "data:image/png;base64,cG5n" in live
+    assert "step 4 of 60 (live), loss 0.7500" in live and "data:image/png;base64,cG5n" in live
     assert "`sftflow runs show r1`" in live
     assert "finished at step 4" in loss_curve_markdown("r1", logs, b"png", 4, final=True)
