@@ -45,3 +45,15 @@ def test_the_loss_curve_markdown_says_where_the_run_is():
     assert "step 4 of 60 (live), loss 0.7500" in live and "data:image/png;base64,cG5n" in live
     assert "`sftflow runs show r1`" in live
     assert "finished at step 4" in loss_curve_markdown("r1", logs, b"png", 4, final=True)
+
+
+def test_a_resumed_training_logs_into_the_tracker_runs_of_its_first_attempt(tmp_path):
+    from foundation.stores.runs import RunDir
+    from tasks.trackers import start_tracker_runs, tracker_ids
+
+    run = RunDir(tmp_path / "run-1")
+    run.root.mkdir()
+    assert start_tracker_runs(run, ["tensorboard"]) == {} and not run.trackers.exists()
+    first = start_tracker_runs(run, ["tensorboard", "wandb"])
+    assert first == {"WANDB_RUN_ID": tracker_ids(run)["wandb"], "WANDB_RESUME": "allow"}
+    assert start_tracker_runs(run, ["tensorboard", "wandb"]) == first  # the retry resumes the same wandb run
