@@ -45,7 +45,7 @@ from foundation.artifacts import (
 from foundation.errors import DropRejectedError
 from foundation.settings import PROJECT_DIR
 from schemas.config import IngestConfig, RunConfig, config_hash, load_run_config
-from tasks.report import pipeline_text
+from tasks.report import pipeline_commands, pipeline_text
 from tasks.evaluate import evaluation_of
 from tasks.export.run import export_of
 from tasks.gpu_pool import deployment_available, run_on_gpu_pool
@@ -149,6 +149,8 @@ def finish(summary: PipelineSummary) -> PipelineSummary:
     if summary.reason:
         get_run_logger().info(summary.reason)
     markdown = f"# sft_pipeline: {summary.status}\n\n```\n{pipeline_text(summary)}\n```\n"
+    if commands := pipeline_commands(summary):
+        markdown += "\nOpen what it wrote:\n\n" + "".join(f"- `{c}`\n" for c in commands)
     create_markdown_artifact(key="pipeline-summary", markdown=markdown,
                              description="What this sft_pipeline run did")
     return summary

@@ -194,6 +194,11 @@ class LoraConfig(StrictModel):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); slower, hf engine only.")
 
 
+# transformers' report_to integrations (Trainer callbacks)
+TRACKER_NAMES = ("tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "neptune", "clearml", "azure_ml", "dagshub",
+                 "dvclive", "flyte", "codecarbon", "swanlab", "kubeflow")
+
+
 class TrainConfig(StrictModel):
     """The supervised fine-tuning run."""
 
@@ -250,8 +255,17 @@ class TrainConfig(StrictModel):
         0.05, ge=0, le=1, description="Fail before training when more than this share of rows is truncated."
     )
     report_to: list[str] = Field(
-        ["tensorboard"], description="Trackers, as trl's report_to (tensorboard, mlflow, wandb, ...); [] for none."
+        ["tensorboard"], description="Trackers, as trl's report_to (tensorboard, mlflow, wandb, ...); [] for none. "
+        "The evaluation logs its metrics into the same tracker run; mlflow and wandb must be installed (pip install).",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        if unknown := [name for name in value if name not in TRACKER_NAMES]:
+            raise ValueError(f"unknown tracker {', '.join(map(repr, unknown))}; one of {', '.join(TRACKER_NAMES)} "
+                             "([] for none)")
+        return value
 
     @field_validator("num_gpus")
     @classmethod

@@ -26,6 +26,7 @@ from foundation.stores.runs import RunDir
 from foundation.workspace import Workspace
 from schemas.config import EvalConfig, RunConfig
 from schemas.metrics import BY_NAME
+from tasks.trackers import log_eval_metrics
 
 
 def has_reference(messages: list[dict]) -> bool:
@@ -84,6 +85,14 @@ def answers_markdown(scores: dict, answers: dict[str, list[Answer]], decision: D
     return "\n".join(lines)
 
 
+def evaluation_samples(answers: dict[str, list[Answer]]) -> list[dict]:
+    """One row per sampled eval row: its prompt, the reference, and each model's answer (base, candidate,
+    and the champion when there is one); the models answered the same rows in the same order."""
+    models = list(answers)
+    return [{"prompt": row.prompt, "reference": row.reference, **{m: answers[m][i].prediction for m in models}}
+            for i, row in enumerate(answers[models[0]])] if models else []
+
+
 def score_models(run: RunDir, models: dict[str, ModelRef]) -> EvalScores:
     """Run the evaluation process on the run's dataset version; its scores."""
     manifest = run.manifest()
@@ -109,6 +118,12 @@ def publish_evaluation_artifacts(report: EvalReport) -> None:
         markdown=answers_markdown(report.scores, report.answers, report.decision),
         description=f"{report.run_id}: prompts, references and each model's answer",
     )
+    create_table_artifact(
+        key="evaluation-samples",
+        table=evaluation_samples(report.answers),
+        description=f"{report.run_id}: every sampled eval row, its reference and each model's answer "
+                    f"(sftflow runs show {report.run_id})",
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -127,13 +142,16 @@ def evaluate_models(run_id: str) -> EvalReport:
         models["champion"] = ModelRef(model_path=champion.model_path, adapter_dir=champion.adapter_dir)
     scored = score_models(run, models).models
     scores = {name: s.metrics for name, s in scored.items()}
-    decision = decide(scores, RunConfig.model_validate(manifest.config).eval)
+    config = RunConfig.model_validate(manifest.config)
+    decision = decide(scores, config.eval)
     report = EvalReport(run_id=run_id, dataset_version=manifest.dataset_version, scores=scores, decision=decision,
                         champion=champion.version if champion else None,
                         sample_size=len(scored["candidate"].answers), eval_rows=scored["candidate"].eval_rows,
                         answers={name: s.answers for name, s in scored.items()})
     report.write(run.eval_path)
     publish_evaluation_artifacts(report)
+    if trackers := log_eval_metrics(run, config.train.report_to, scores, manifest.global_step):
+        logger.info("eval metrics logged to %s (the training's run there)", ", ".join(trackers))
     for name, s in scores.items():
         logger.info("%s: %s", name, json.dumps(s))
     logger.info("decision: %s", decision.reason)

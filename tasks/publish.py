@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from foundation.artifacts import EvalReport, ExportReport, FileDigest, PublishResult, RunManifest, VersionManifest
@@ -258,6 +258,21 @@ def publish_version(registry: RegistryStore, run: RunDir, remote: str | None, lo
     return target, champion
 
 
+def published_markdown(name: str, version: str, path: str, run_id: str, champion: bool) -> str:
+    """The published-model artifact: where the version lies and the commands that open it (a browser
+    cannot follow a link into the worker's file system)."""
+    ref = f"{name}@{version}"
+    return "\n".join([
+        f"# Published `{ref}`{' (champion)' if champion else ''}", "",
+        f"Registry version of run `{run_id}`, in `{path}`.", "",
+        "| to | run |", "|---|---|",
+        f"| see its run, dataset, evaluation and GGUFs | `sftflow models show {ref}` |",
+        f"| talk to it | `sftflow chat --model {ref}` |",
+        f"| serve it (OpenAI-compatible API) | `sftflow serve --model {ref}` |",
+        f"| see the run it came from | `sftflow runs show {run_id}` |",
+    ])
+
+
 @task(cache_policy=NO_CACHE)
 def publish_run(run_id: str) -> PublishResult:
     """Write a registry version for an evaluated run; move the champion pointer if it was promoted.
@@ -276,8 +291,9 @@ def publish_run(run_id: str) -> PublishResult:
     target, champion = publish_version(workspace.registry, run, remote, logger.info)
     name, version = manifest.name, target.version
     logger.info("published %s/%s (%s)", name, version, "champion" if champion == version else "not promoted")
-    create_link_artifact(key="published-model", link=target.root.as_uri(), link_text=f"{name} {version}",
-                         description=f"Registry version of run {run_id}")
+    create_markdown_artifact(key="published-model", markdown=published_markdown(name, version, str(target.root), run_id,
+                                                                                 champion == version),
+                             description=f"Registry version of run {run_id}")
     result = PublishResult(name=name, version=version, path=str(target.root), promoted=run.eval_report().decision.promote,
                            champion=champion)
     if remote:

@@ -190,7 +190,8 @@ def quarantine_markdown(report: DropReport, examples: list[dict]) -> str:
         "",
         f"{report.rows_in} rows in = {report.accepted} accepted + {report.duplicates} duplicates + "
         f"{report.quarantined} quarantined (reject rate {report.reject_rate:.1%}, limit "
-        f"{report.max_reject_rate:.0%}). Dataset version: `{report.dataset_version}`.",
+        f"{report.max_reject_rate:.0%}). Dataset version: `{report.dataset_version}`"
+        + (f" (`sftflow datasets show {report.dataset_version}`)." if report.dataset_version else "."),
         "",
     ]
     if report.error:
@@ -202,7 +203,8 @@ def quarantine_markdown(report: DropReport, examples: list[dict]) -> str:
                 f"| {_cell(Path(ex['source_file']).name)} | {ex['source_row']} | {', '.join(ex['reasons'])} | "
                 f"{_cell(ex['details'])} | `{_cell(ex['raw'], 120)}` |"
             )
-        lines += ["", f"All quarantined rows: `{report.quarantine_path}`"]
+        lines += ["", f"All quarantined rows: `{report.quarantine_path}` (`sftflow quarantine {report.drop_id}` "
+                      "shows them by reason)"]
     else:
         lines.append("No rows were quarantined.")
     return "\n".join(lines)
@@ -294,3 +296,15 @@ def pipeline_text(summary: PipelineSummary) -> str:
         lines.append(f"\npublished {published.name} {published.version} "
                      f"({'champion' if published.promoted else 'not promoted'}): {published.path}")
     return "\n".join(lines).lstrip("\n")
+
+
+def pipeline_commands(summary: PipelineSummary) -> list[str]:
+    """The `sftflow` commands that open what a pipeline run wrote (its drops, dataset, run, model)."""
+    commands = [f"sftflow quarantine {d.drop_id}" for d in summary.drops if d.quarantined]
+    if summary.dataset_version:
+        commands.append(f"sftflow datasets show {summary.dataset_version}")
+    if summary.training:
+        commands.append(f"sftflow runs show {summary.training.run_id}")
+    if published := summary.published:
+        commands.append(f"sftflow models show {published.name}@{published.version}")
+    return commands

@@ -53,6 +53,7 @@ from schemas.config import RunConfig, TrainConfig, config_hash
 from tasks.base_model import resolve_model
 from tasks.engines import data_parallel_problem, pick_engine
 from tasks.preflight import ResourceError, check_training_fits
+from tasks.trackers import check_trackers_installed
 
 
 class WorkerDiedError(RuntimeError):
@@ -207,15 +208,28 @@ def _retry_if_worker_died(task, task_run, state) -> bool:
     return False
 
 
-class EventFollower:
-    """Relays the training process's events: Prefect logs, the progress artifact, the progress bar on
-    stderr, progress.jsonl; keeps the end event or the error."""
+LOSS_CURVE_VERSIONS = 20  # live versions of the loss-curve artifact a run publishes at most
+LOSS_CURVE_EVERY = 2  # ... and never more often than every this many logged steps
 
-    def __init__(self, run: RunDir, logger):
-        self.run, self.logger = run, logger
+
+def loss_curve_cadence(max_steps: int, logging_steps: int) -> int:
+    """Logged steps between live versions of the loss curve: about LOSS_CURVE_VERSIONS in a run, so a
+    long run does not fill the Prefect database with images, but at least every LOSS_CURVE_EVERY."""
+    logs = max(1, max_steps // max(1, logging_steps))
+    return max(LOSS_CURVE_EVERY, -(-logs // LOSS_CURVE_VERSIONS))
+
+
+class EventFollower:
+    """Relays the training process's events: Prefect logs, the progress artifact, the loss-curve artifact
+    (a new version every few logged steps, so the dashboard's curve grows while the run trains), the
+    progress bar on stderr, progress.jsonl; keeps the end event or the error."""
+
+    def __init__(self, run: RunDir, logger, logging_steps: int = 1):
+        self.run, self.logger, self.logging_steps = run, logger, logging_steps
         self.end: EndEvent | None = None
         self.error: str | None = None
         self.bar, self.max_steps = None, 0
+        self.logs_since_curve, self.curve_every = 0, LOSS_CURVE_EVERY
         self.progress_id = create_progress_artifact(progress=0.0, description=f"Training {run.run_id}")
 
     def follow(self, lines, log, events) -> None:
@@ -237,6 +251,7 @@ class EventFollower:
     def on_event(self, event: WorkerEvent) -> None:
         if event.event == "begin":
             self.max_steps = event.max_steps
+            self.curve_every = loss_curve_cadence(event.max_steps, self.logging_steps)
             self.bar = _progress_bar(event.max_steps, event.resumed_from_step)
             if event.resumed_from_step:
                 self.logger.info("resuming from step %s of %s", event.resumed_from_step, event.max_steps)
@@ -247,6 +262,13 @@ class EventFollower:
             if self.bar is not None:
                 self.bar.update(event.step - self.bar.n)
                 self.bar.set_postfix(loss=f"{event.loss:.3f}")
+            self.logs_since_curve += 1
+            if self.logs_since_curve >= self.curve_every:
+                self.logs_since_curve = 0
+                try:
+                    publish_loss_curve(self.run, self.max_steps, final=False)
+                except Exception as exc:  # a live view: the training goes on without it (the final one is recorded)
+                    self.logger.warning("live loss curve not published at step %s: %s", event.step, exc)
         elif event.event == "eval":
             self.logger.info("step %s eval loss %.4f", event.step, event.eval_loss)
         elif event.event == "checkpoint":
@@ -277,13 +299,15 @@ def end_of_training(returncode: int, end: EndEvent | None, error: str | None, lo
 
 
 def check_can_train(model_path: str, config: RunConfig, engine: str, ranks: int, log) -> None:
-    """Refuse, before anything starts, an engine that cannot run the ranks, or a run that cannot fit."""
+    """Refuse, before anything starts, an engine that cannot run the ranks, a run that cannot fit, or a
+    tracker that is not installed."""
     import torch
 
     if ranks > 1 and (problem := data_parallel_problem(engine)):
         raise ConfigError(f"the {engine} engine cannot train on {ranks} GPUs: {problem}. Set train.engine=hf, or "
                           "train.num_gpus=1")
     check_training_fits(model_path, config, cuda=torch.cuda.is_available(), log=log, engine=engine)
+    check_trackers_installed(config.train.report_to)
 
 
 def launch_environment(ranks: int, config: RunConfig, logger) -> dict[str, str]:
@@ -349,7 +373,7 @@ def train_model(run_id: str, model_path: str, config: RunConfig, engine: str) ->
     early = _take_early_worker(run_id, engine, ranks)
     WorkerSpec(run_dir=str(run.root), model_path=model_path, engine=engine,
                config=config.model_dump(mode="json")).write(run.worker_spec)
-    follower = EventFollower(run, logger)
+    follower = EventFollower(run, logger, config.train.logging_steps)
     env = launch_environment(ranks, config, logger)
     with open(run.worker_log, "a") as log, open(run.progress, "a") as events:
         proc = early or processes.start(worker_command(run.worker_spec, ranks), run.worker_log, env,
@@ -392,6 +416,33 @@ def loss_curve_png(events: list[WorkerEvent]) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+def training_stage(events: list[WorkerEvent], max_steps: int, final: bool) -> str:
+    """Where a run is, as the loss curve's artifact says it: "step 25 of 60 (live)", "finished at step 60"."""
+    logs = [e for e in events if e.event == "log"]
+    if final:
+        return f"finished at step {logs[-1].step}" if logs else "finished"
+    return f"step {logs[-1].step} of {max_steps} (live)" if logs else "started (live)"
+
+
+def loss_curve_markdown(run_id: str, events: list[WorkerEvent], png: bytes, max_steps: int, final: bool) -> str:
+    """The loss-curve artifact: where the run is, the plot, and the command that shows the run."""
+    logs = [e for e in events if e.event == "log"]
+    loss = f", loss {logs[-1].loss:.4f}" if logs else ""
+    return (f"# Loss curve: `{run_id}`\n\n{training_stage(events, max_steps, final)}{loss}\n\n"
+            f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"
+            f"The run, its loss and its files: `sftflow runs show {run_id}`\n")
+
+
+def publish_loss_curve(run: RunDir, max_steps: int, final: bool) -> bytes:
+    """A new version of the `loss-curve` artifact from the run's events so far; the plot. The description
+    says where the run is too: the dashboard's page of the key shows the latest version's description."""
+    events = run.events()
+    png = loss_curve_png(events)
+    create_markdown_artifact(key="loss-curve", markdown=loss_curve_markdown(run.run_id, events, png, max_steps, final),
+                             description=f"Training loss of {run.run_id}: {training_stage(events, max_steps, final)}")
+    return png
 
 
 def library_versions() -> dict[str, str]:
@@ -437,13 +488,8 @@ def record_run(prepared: PreparedRun, config: RunConfig, tokenized: Tokenized, e
     """Write the reproducibility manifest and the loss curve; publish the curve as an artifact."""
     workspace = Workspace.from_env()
     run = workspace.runs.dir(prepared.run_id)
-    png = loss_curve_png(run.events())
+    png = publish_loss_curve(run, end.global_step, final=True)
     run.loss_png.write_bytes(png)
-    create_markdown_artifact(
-        key="loss-curve",
-        markdown=f"# Loss curve: `{run.run_id}`\n\n![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})\n",
-        description=f"Training loss of {run.run_id}",
-    )
     dataset_dir = str(workspace.datasets.find(prepared.dataset_version).root)
     manifest = run_manifest(run, config, dataset_dir, prepared, tokenized, end)
     manifest.write(run.manifest_path)

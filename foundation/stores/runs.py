@@ -6,7 +6,8 @@
       worker_spec.json, worker.pid, worker.log, progress.jsonl   the training process: its input, pid, log, events
       checkpoints/checkpoint-<step>/   trainer checkpoints (a retried run resumes from the last)
       adapter/                     the LoRA adapter (PEFT format) with tokenizer and chat template
-      tensorboard/, loss.png       the loss curve
+      tensorboard/, loss.png       the loss curve (TensorBoard events: training and eval scalars)
+      trackers.json                the mlflow / wandb run ids the training and the evaluation log into
       manifest.json                RunManifest, written last: the run is finished when it exists
       evaluator_spec.json, evaluator.log, eval_scores.json, eval.json   evaluation
       merged/, gguf/, Modelfile, export.log, export.json                 export
@@ -43,6 +44,7 @@ class RunDir:
     adapter = property(lambda self: self.root / "adapter")
     adapter_tmp = property(lambda self: self.root / ".tmp-adapter")
     tensorboard = property(lambda self: self.root / "tensorboard")
+    trackers = property(lambda self: self.root / "trackers.json")  # tracker run ids (mlflow, wandb)
     loss_png = property(lambda self: self.root / "loss.png")
     manifest_path = property(lambda self: self.root / "manifest.json")
     evaluator_spec = property(lambda self: self.root / "evaluator_spec.json")

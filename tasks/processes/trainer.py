@@ -274,6 +274,7 @@ class TrainingRecipe:
         return SFTConfig(
             output_dir=str(self.run.checkpoints),
             report_to=t.report_to or "none",
+            run_name=self.run.run_id,  # what the trackers call the run
             max_length=t.max_seq_length,
             packing=t.packing,
             per_device_train_batch_size=t.batch_size,
@@ -306,6 +307,10 @@ class TrainingRecipe:
 
     def _setup_trainer(self) -> None:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.run.tensorboard))
+        if self.is_main:  # the other ranks log to no tracker
+            from tasks.trackers import start_tracker_runs
+
+            os.environ.update(start_tracker_runs(self.run, self.config.train.report_to))
         args = self._training_args()
         self.trainer = sft_trainer_class()(
             model=self.model,

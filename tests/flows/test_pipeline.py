@@ -26,7 +26,17 @@ def _subflows(flow_run_id):
                       if r.parent_task_run_id in parent_tasks)
 
 
+def _artifacts_since(start) -> list:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return [a for a in client.read_artifacts() if a.created >= start]
+
+
 def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(workspace, tiny_model):
+    from datetime import datetime, timezone
+
+    started = datetime.now(timezone.utc)
     state = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK,
                          return_state=True)
     summary = state.result()
@@ -54,6 +64,20 @@ def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(w
     text = pipeline_text(summary)
     assert text in artifact.data and "published tiny-sft v0001 (champion)" in text
     assert f"rows in {summary.drops[0].rows_in} = accepted {summary.drops[0].accepted}" in text
+
+    # no artifact links where a browser cannot follow; one that names a workspace path names the command too
+    naming_paths = set()
+    for artifact in _artifacts_since(started):
+        text = f"{artifact.data} {artifact.description}"
+        assert "file://" not in text, (artifact.key, text[:500])
+        if str(workspace.root) in text:
+            naming_paths.add(artifact.key)
+            assert "sftflow " in text, (artifact.key, text[:500])
+    assert {"published-model", "pipeline-summary"} <= naming_paths
+    [published] = [a for a in _artifacts_since(started) if a.key == "published-model"]
+    for command in ("sftflow models show tiny-sft@v0001", "sftflow chat --model tiny-sft@v0001",
+                    "sftflow serve --model tiny-sft@v0001", f"sftflow runs show {summary.training.run_id}"):
+        assert command in published.data
 
     # Same dataset version, same config: nothing to train, with the reason.
     again = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK)

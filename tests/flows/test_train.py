@@ -32,6 +32,18 @@ def dataset(workspace, tiny_model):
     return report.dataset_version
 
 
+def tensorboard_scalars(run_dir) -> dict[str, list]:
+    """Every scalar series in a run's TensorBoard logdir, read with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for logdir in {p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents*")}:
+        events = EventAccumulator(str(logdir))
+        events.Reload()
+        scalars |= {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+    return scalars
+
+
 def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -65,7 +77,8 @@ def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
     assert manifest["config_hash"] == summary.config_hash and manifest["dataset_version"] == dataset
     assert manifest["seed"] == 42 and manifest["libraries"]["trl"] == "1.15.0"
     assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
-    assert any((run_dir / "tensorboard").rglob("events.out.tfevents*"))
+    # `tensorboard --logdir` reads the run: its own reader finds a train loss at every logged step
+    assert [e.step for e in tensorboard_scalars(run_dir)["train/loss"]] == list(range(2, 41, 2))
 
 
 def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, dataset):
@@ -80,6 +93,47 @@ def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, dataset):
     assert len(begins) == 2 and begins[1].resumed_from_step >= 12
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert not list(run_dir.glob(".tmp-*"))
+
+
+def _loss_curves(run_id: str) -> list:
+    """The versions of the loss-curve artifact of one run, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["loss-curve"])))
+    return sorted((a for a in versions if f"`{run_id}`" in a.data), key=lambda a: a.created)
+
+
+def test_the_loss_curve_artifact_grows_while_the_run_trains(workspace, dataset):
+    import re
+    import threading
+
+    config = load_run_config(CONFIG, ["train.max_steps=60", "train.save_steps=60", "train.logging_steps=2"])
+    run_id = "live-curve"
+    runner = threading.Thread(target=lambda: train_adapter(config=config, run_id=run_id))
+    runner.start()
+    seen_while_training = set()
+    run = RunDir(workspace.runs_dir / run_id)
+    while runner.is_alive():
+        ended = any(e.event == "end" for e in run.events())  # read before the artifacts: these were made earlier
+        if not ended:
+            for artifact in _loss_curves(run_id):
+                if step := re.search(r": step (\d+) of 60 \(live\)", artifact.description):
+                    seen_while_training.add(int(step[1]))
+        time.sleep(0.1)
+    runner.join()
+
+    # a new version every 2 logged steps (30 logs in the run), seen on the server before the run ended
+    assert len(seen_while_training) >= 2, seen_while_training
+    versions = _loss_curves(run_id)
+    live = [int(m[1]) for a in versions if (m := re.search(r": step (\d+) of 60 \(live\)", a.description))]
+    assert live == list(range(4, 61, 4))
+    assert all(f"step {step} of 60 (live)" in a.data for step, a in zip(live, versions))
+    assert versions[-1].description == f"Training loss of {run_id}: finished at step 60"
+    assert "finished at step 60" in versions[-1].data and len(versions) == len(live) + 1
+    assert all(a.type == "markdown" and "data:image/png;base64," in a.data for a in versions)
+    assert all(f"sftflow runs show {run_id}" in a.data for a in versions)
 
 
 def test_cli_train_json(workspace, dataset, tmp_path):
@@ -134,6 +188,64 @@ def test_evaluation_scores_base_and_candidate_and_decides(workspace, dataset):
 
     table = asyncio.run(artifacts())[0]
     assert table.type == "table" and "candidate" in str(table.data)
+
+    async def samples():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-samples"])))
+
+    [table] = [a for a in asyncio.run(samples()) if run.run_id in a.description]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert table.type == "table" and len(rows) == 16
+    assert [list(r) for r in rows] == [["prompt", "reference", "base", "candidate"]] * 16
+    answers = saved["answers"]
+    assert [r["candidate"] for r in rows] == [a["prediction"] for a in answers["candidate"]]
+    assert [(r["prompt"], r["reference"], r["base"]) for r in rows] == [
+        (a["prompt"], a["reference"], a["prediction"]) for a in answers["base"]]
+
+
+def test_train_loss_and_eval_metrics_land_in_the_same_mlflow_run_and_tensorboard_logdir(workspace, dataset, tmp_path,
+                                                                                     monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is optional: pip install mlflow-skinny")
+    from mlflow.tracking import MlflowClient
+
+    from flows.evaluate import evaluate_adapter
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 wants a database; a directory suffices here
+    config = load_run_config(CONFIG, ["train.max_steps=12", "train.save_steps=12", "train.logging_steps=2",
+                                      "train.report_to=[tensorboard,mlflow]", "eval.sample_size=4",
+                                      "eval.max_new_tokens=8"])
+    run = train_adapter(config=config)
+    result = evaluate_adapter(run_id=run.run_id)
+    run_dir = workspace.runs_dir / run.run_id
+
+    # mlflow: one run holds the trainer's loss and the evaluation's metrics
+    mlflow_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    client = MlflowClient()
+    tracked = client.get_run(mlflow_id)
+    assert tracked.info.run_name == run.run_id
+    assert [m.step for m in client.get_metric_history(mlflow_id, "loss")] == [2, 4, 6, 8, 10, 12]
+    for model in ("base", "candidate"):
+        assert tracked.data.metrics[f"eval/{model}/eval_loss"] == pytest.approx(result.scores[model]["eval_loss"])
+    assert len(client.search_runs([tracked.info.experiment_id])) == 1  # the evaluation made no run of its own
+
+    # tensorboard: its own reader finds the train loss and the eval scalars in the run's logdir
+    scalars = tensorboard_scalars(run_dir)
+    assert [e.step for e in scalars["train/loss"]] == [2, 4, 6, 8, 10, 12]
+    [candidate_loss] = scalars["eval/candidate/eval_loss"]
+    assert candidate_loss.step == 12 and candidate_loss.value == pytest.approx(result.scores["candidate"]["eval_loss"])
+
+
+def test_a_tracker_that_is_not_installed_fails_before_training_with_the_pip_command(workspace, dataset, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    config = load_run_config(CONFIG, ["train.max_steps=2", "train.report_to=[tensorboard,wandb]"])
+    with pytest.raises(Exception, match=r"wandb is not installed; pip install wandb"):
+        train_adapter(config=config)
+    assert not any(e.event == "begin" for d in workspace.runs_dir.iterdir() for e in RunDir(d).events())
 
 
 def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promotion(workspace, dataset, monkeypatch):

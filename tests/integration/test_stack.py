@@ -67,6 +67,13 @@ class Api:
             deployment = client.read_deployment_by_name(name)
             return str(client.create_flow_run_from_deployment(deployment.id, parameters=parameters).id)
 
+    def latest_artifact_id(self, key: str) -> str:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        with self._client() as client:
+            versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return str(max(versions, key=lambda a: a.created).id)
+
     def deployment_crons(self, name: str) -> list[str]:
         with self._client() as client:
             return [s.schedule.cron for s in client.read_deployment_by_name(name).schedules]
@@ -101,13 +108,51 @@ def stack(tmp_path_factory, model_cache):
         cli(env, "down")
 
 
-def test_a_landed_drop_runs_the_chain_to_a_new_champion_and_a_repeat_trains_nothing(stack):
+def loss_curve_pages(dashboard: str, home: Path, profile: Path, timeout: float = 1200) -> list[tuple[str, int]]:
+    """The loss-curve artifact's page, opened in Chromium again and again from before the run trains: the
+    first live version seen, then the next version (live or final) that shows a later step, as (what the
+    page says, that step), each with a screenshot beside the stack's home."""
+    import re
+
+    from tests.integration.browser import Browser
+
+    browser = Browser(profile)
+    pages: list[tuple[str, int]] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(pages) < 2 and time.monotonic() < deadline:
+            browser.goto(f"{dashboard}/artifacts/key/loss-curve")
+            shown = None
+            for _ in range(15):  # the single-page app renders the key's latest description
+                time.sleep(0.2)
+                if shown := re.search(r"Training loss of \S+: (?:step (\d+) of \d+ \(live\)|finished at step (\d+))",
+                                      browser.text()):
+                    break
+            if not shown:
+                continue
+            step = int(shown[1] or shown[2])
+            if not pages and shown[1] or pages and step > pages[-1][1]:
+                browser.screenshot(home / f"dashboard-loss-curve-{len(pages) + 1}.png")
+                pages.append((shown[0], step))
+            elif not pages:
+                break  # the run finished before a live version was seen
+    finally:
+        browser.close()
+    return pages
+
+
+def test_a_landed_drop_runs_the_chain_to_a_new_champion_and_a_repeat_trains_nothing(stack, tmp_path):
     home, api = stack["home"], stack["api"]
     status = cli(stack["env"], "status")
     assert status["api_healthy"] and all(p["alive"] for p in status["processes"].values())
     assert set(status["work_pools"]) >= {"cpu", "gpu"} and status["work_pools"]["gpu"]["concurrency_limit"] == 1
 
     shutil.copytree(SAMPLE_DROPS / "arithmetic", home / "landing" / "arithmetic-2026-11")
+    # the dashboard's loss curve is live: opened while the run trains, then again, it shows a later step
+    pages = loss_curve_pages(stack["state"]["dashboard_url"], home, tmp_path / "chromium")
+    assert len(pages) == 2 and "(live)" in pages[0][0] and pages[0][1] < pages[1][1], pages
+    shots = [(home / f"dashboard-loss-curve-{i}.png").read_bytes() for i in (1, 2)]
+    assert shots[0] != shots[1] and all(len(shot) > 20_000 for shot in shots)
     runs = api.wait_for(lambda rs: completed(rs, "sft_pipeline"), "the pipeline to complete", 1500, home)
     for flow in CHAIN:
         assert len(completed(runs, flow)) == 1, (flow, runs)
@@ -164,15 +209,25 @@ def test_the_dashboard_shows_the_pipeline_subflows_and_artifacts(stack, tmp_path
         # the stages' artifacts: the drop's counts and quarantine, the loss plot, the evaluation table
         for key, content in [("drop-arithmetic-2026-11-counts", "counts and quarantine reasons"),
                              ("drop-arithmetic-2026-11-quarantine", "quarantined examples and their reasons"),
-                             ("loss-curve", "Training loss of"), ("evaluation", "base vs candidate vs champion"),
+                             ("loss-curve", "finished at step"), ("evaluation", "base vs candidate vs champion"),
+                             ("evaluation-samples", "every sampled eval row"),
+                             ("published-model", "Registry version of run"),
                              ("gguf-parity", "GGUF parity against the merged HF model")]:
             browser.goto(f"{dashboard}/artifacts/key/{key}")
             browser.wait_for_text(key, content)
             if key == "evaluation":
                 browser.screenshot(home / "dashboard-artifacts.png")
+        # the latest versions themselves: the samples table's columns, the published model's commands
+        api = stack["api"]
+        browser.goto(f"{dashboard}/artifacts/artifact/{api.latest_artifact_id('evaluation-samples')}")
+        browser.wait_for_text("prompt", "reference", "base", "candidate")
+        browser.screenshot(home / "dashboard-evaluation-samples.png")
+        browser.goto(f"{dashboard}/artifacts/artifact/{api.latest_artifact_id('published-model')}")
+        browser.wait_for_text("sftflow chat --model tiny-sft@v0001", "sftflow serve --model tiny-sft@v0001")
     finally:
         browser.close()
-    for name in ("dashboard-pipeline.png", "dashboard-pipeline-subflows.png", "dashboard-artifacts.png"):
+    for name in ("dashboard-pipeline.png", "dashboard-pipeline-subflows.png", "dashboard-artifacts.png",
+                 "dashboard-evaluation-samples.png"):
         assert (home / name).stat().st_size > 20_000  # a rendered page, not a blank one
 
 

@@ -48,6 +48,13 @@ def test_cross_field_checks():
         load_run_config(SHIPPED[0], ["train.epochs=null"])
 
 
+def test_report_to_names_transformers_trackers():
+    assert load_run_config(SHIPPED[0], ["train.report_to=[mlflow,wandb]"]).train.report_to == ["mlflow", "wandb"]
+    assert load_run_config(SHIPPED[0], ["train.report_to=[]"]).train.report_to == []
+    with pytest.raises(ConfigError, match=r"train.report_to: .*unknown tracker 'tensorbord'; one of tensorboard, mlflow"):
+        load_run_config(SHIPPED[0], ["train.report_to=[tensorbord]"])
+
+
 @pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1", "train.lr"])
 def test_malformed_overrides(bad):
     with pytest.raises(ConfigError, match="key=value"):

@@ -115,3 +115,14 @@ def test_rouge_l_scores_chinese_and_japanese_answers():
     assert rouge_l("東京は日本の首都です", "東京は日本の首都です") == 1.0
     assert 0 < rouge_l("今天下雨", "今天天气很好") < 1
     assert rouge_l("The Cat, sat!", "the cat sat") == 1.0 and rouge_l("dog", "the cat sat") == 0.0
+
+
+def test_the_evaluation_samples_table_has_a_row_per_sampled_prompt_and_a_column_per_model():
+    from tasks.evaluate import evaluation_samples
+
+    def answers(*predictions):
+        return [Answer(prompt=f"q{i}", reference=f"r{i}", prediction=p, stopped=True) for i, p in enumerate(predictions)]
+
+    rows = evaluation_samples({"base": answers("a", "b"), "candidate": answers("r0", "c"), "champion": answers("x", "r1")})
+    assert rows == [{"prompt": "q0", "reference": "r0", "base": "a", "candidate": "r0", "champion": "x"},
+                    {"prompt": "q1", "reference": "r1", "base": "b", "candidate": "c", "champion": "r1"}]

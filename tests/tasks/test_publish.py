@@ -54,3 +54,14 @@ def test_the_champion_pointer_moves_only_to_a_promoted_newer_version():
     assert not champion_moves(False, "v0001", "v0002")  # not promoted
     assert not champion_moves(True, "v0002", "v0002")  # already the champion
     assert not champion_moves(True, "v0010", "v0009")  # an older version never takes it back
+
+
+def test_the_published_model_artifact_names_its_path_and_the_commands_not_a_file_link():
+    from tasks.publish import published_markdown
+
+    markdown = published_markdown("tiny-sft", "v0002", "/ws/registry/tiny-sft/v0002", "run-1", champion=True)
+    assert markdown.startswith("# Published `tiny-sft@v0002` (champion)")
+    assert "`/ws/registry/tiny-sft/v0002`" in markdown and "file://" not in markdown
+    for command in ("sftflow models show tiny-sft@v0002", "sftflow chat --model tiny-sft@v0002",
+                    "sftflow serve --model tiny-sft@v0002", "sftflow runs show run-1"):
+        assert f"`{command}`" in markdown

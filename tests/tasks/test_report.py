@@ -75,3 +75,27 @@ def test_a_no_op_report_keeps_the_earlier_counts_and_names_the_dataset_as_it_is(
     assert isinstance(report, DropReport) and report.noop and report.status == "ingested"
     assert (report.accepted, report.duplicates, report.quarantined) == (5, 2, 3) and not report.dataset_changed
     assert report.dataset_rows == SplitRows(train=0, eval=0) and report.reasons == {}
+
+
+def test_the_quarantine_markdown_names_the_commands_beside_the_paths():
+    from tasks.report import quarantine_markdown
+
+    report = ingested_report(READ, IngestConfig(), FormatResult(5, 2, "", "ds-2", True, SplitRows(train=4, eval=1)))
+    report = report.model_copy(update={"quarantine_path": "/ws/drops/d/quarantine.parquet"})
+    example = {"source_file": "/x/rows.jsonl", "source_row": 3, "reasons": ["empty_answer"], "details": "", "raw": "{}"}
+    markdown = quarantine_markdown(report, [example])
+    assert "`/ws/drops/d/quarantine.parquet` (`sftflow quarantine d` shows them by reason)" in markdown
+    assert "(`sftflow datasets show ds-2`)" in markdown
+
+
+def test_the_pipeline_summary_names_a_command_for_each_thing_it_wrote():
+    from foundation.artifacts import DropSummary, PipelineSummary, PublishResult
+    from tasks.report import pipeline_commands
+
+    done = ingested_report(READ, IngestConfig(), FormatResult(5, 2, "", "ds-2", True, SplitRows(train=4, eval=1)))
+    summary = PipelineSummary(status="published", drops=[DropSummary.of(done)], config="c.yaml", config_hash="h",
+                              dataset_version="ds-2")
+    assert pipeline_commands(summary) == ["sftflow quarantine d", "sftflow datasets show ds-2"]
+    summary.published = PublishResult(name="m", version="v0003", path="/ws/registry/m/v0003", promoted=True,
+                                      champion="v0003")
+    assert pipeline_commands(summary)[-1] == "sftflow models show m@v0003"
