@@ -128,7 +128,8 @@ def ingest_breakdown(path: Path, env: dict[str, str], cwd: Path) -> dict:
             marks.setdefault("flow", t)
         elif "Flow run" in line and "Finished in state" in line:
             marks["finished"] = t
-    out = {"wall_s": round(wall, 3)}
+    report = json.loads(proc.stdout)
+    out = {"wall_s": round(wall, 3), "rows_in": report["rows_in"], "accepted": report["accepted"]}
     if {"flow", "finished"} <= marks.keys():
         out |= {"start_s": round(marks["flow"] - t_start, 3), "flow_s": round(marks["finished"] - marks["flow"], 3),
                 "stop_s": round(t_start + wall - marks["finished"], 3)}
