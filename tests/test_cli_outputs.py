@@ -73,6 +73,7 @@ def test_cli_json_keys_and_the_pipeline_summary_are_unchanged(workspace, tiny_mo
     pipeline = record("pipeline", "pipeline", str(SAMPLE_DROPS / "unit-conversions"), "--config", CONFIG, *quick)
     record("pipeline (skipped)", "pipeline", "--config", CONFIG, *quick)
     run_id = record("train", "train", "--config", CONFIG, *QUICK)["run_id"]
+    record("train --dry-run", "train", "--config", CONFIG, *quick, "--dry-run")
     record("evaluate", "evaluate", "--run", run_id)
     record("export", "export", "--run", run_id, "--quant", "f16")
     record("publish", "publish", "--run", run_id)
