@@ -174,3 +174,37 @@ def test_cli_format_help_lists_the_table():
     command = typer.main.get_command(app).commands["ingest"]
     (option,) = [param for param in command.params if param.name == "format"]
     assert option.help.startswith("|".join(("auto", *FORMAT_NAMES)))
+
+
+def test_tools_and_tool_calls_keep_integers_beyond_64_bits_and_refuse_only_real_depth():
+    """JSON allows any integer; orjson writes 64-bit ones only. A big integer in a tool definition or a call's
+    arguments is kept exactly, not quarantined as too deeply nested (which only real depth is)."""
+    import json
+
+    from tasks.ingest.readers.raw import dump_raw
+
+    call = {"type": "function", "function": {"name": "pay", "arguments": {"cents": 2**70}}}
+    record = {"messages": [{"role": "user", "content": "pay it"},
+                           {"role": "assistant", "content": "", "tool_calls": [call]},
+                           {"role": "tool", "content": "paid"}, {"role": "assistant", "content": "Done."}],
+              "tools": [{"type": "function", "function": {"name": "pay", "max_cents": 2**80}}]}
+    row = normalize_record(record, "openai")
+    assert isinstance(row, CanonicalRow), row
+    calls = json.loads(row.messages[1][3])
+    assert calls[0]["function"]["arguments"]["cents"] == 2**70
+    assert json.loads(row.tools)[0]["function"]["max_cents"] == 2**80
+    assert normalize_record(record, "openai").id == row.id  # equal rows, equal ids
+    assert str(2**70) in dump_raw(record)
+
+    deep: list = []
+    inner = deep
+    for _ in range(300):
+        inner.append([])
+        inner = inner[0]
+    call["function"]["arguments"] = {"nested": deep}
+    rejected = normalize_record(record, "openai")
+    assert isinstance(rejected, Rejection) and rejected.reasons == ("too_deeply_nested",)
+    assert "tool_calls" in rejected.details
+    surrogate = {**record, "tools": [{"type": "function", "function": {"name": "\ud800"}}]}
+    surrogate["messages"][1]["tool_calls"] = [{"type": "function", "function": {"name": "pay", "arguments": {}}}]
+    assert normalize_record(surrogate, "openai").reasons == ("invalid_utf8",)

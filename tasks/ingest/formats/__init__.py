@@ -20,7 +20,7 @@ from foundation.errors import ConfigError
 from tasks.ingest.formats import alpaca, openai, preference, prompt_completion, sharegpt, text
 from tasks.ingest.formats.messages import Message, Problems, maybe_json, media_problems
 from tasks.ingest.formats.row import Format
-from tasks.ingest.nesting import TOO_DEEP, TOO_DEEP_DETAIL
+from tasks.ingest.nesting import TOO_DEEP, TOO_DEEP_DETAIL, sorted_json
 
 FORMATS: tuple[Format, ...] = (
     preference.FORMAT,  # chosen (and rejected): the chosen conversation
@@ -86,11 +86,9 @@ def _tools_json(tools: Any, problems: Problems) -> str | None:
     if not isinstance(tools, (list, dict)):
         problems.add("wrong_type:tools", f"field 'tools' is {type(tools).__name__}, expected a JSON list of tools")
         return None
-    try:
-        return orjson.dumps(tools, option=orjson.OPT_SORT_KEYS).decode()
-    except orjson.JSONEncodeError:
+    if (text := sorted_json(tools)) is None:
         problems.add(TOO_DEEP, f"field 'tools' {TOO_DEEP_DETAIL}")
-        return None
+    return text
 
 
 def row_id(messages: list[Message], tools: str | None) -> str:

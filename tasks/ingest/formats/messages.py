@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from tasks.ingest.nesting import TOO_DEEP, TOO_DEEP_DETAIL
+from tasks.ingest.nesting import TOO_DEEP, TOO_DEEP_DETAIL, sorted_json
 
 # (role, content, weight, tool_calls, reasoning), the fields of schemas.tables.MESSAGE_TYPE in order: Arrow
 # builds struct arrays from tuples twice as fast as from dicts. weight: None (the role's default), 0.0 or 1.0;
@@ -178,11 +178,9 @@ def tool_calls_json(calls: Any, where: str, problems: Problems) -> str | None:
         problems.add("invalid_tool_call", f"{where}: each tool call needs a function name, as "
                      '{"type": "function", "function": {"name": ..., "arguments": {...}}}')
         return None
-    try:
-        return orjson.dumps(calls, option=orjson.OPT_SORT_KEYS).decode()
-    except orjson.JSONEncodeError:
+    if (text := sorted_json(calls)) is None:
         problems.add(TOO_DEEP, f"{where}: tool_calls {TOO_DEEP_DETAIL}")
-        return None
+    return text
 
 
 def turn_weight(turn: dict, where: str, problems: Problems) -> float | None:

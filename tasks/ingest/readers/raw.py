@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 import orjson
@@ -23,8 +24,14 @@ def dump_raw(value: Any) -> str:
     """The raw text of a parsed value (JSON, Parquet): compact JSON."""
     try:
         return orjson.dumps(value, default=str).decode()
-    except orjson.JSONEncodeError:  # deeper than orjson writes: the row is rejected where it is used
-        return f"<a value that {TOO_DEEP_DETAIL.split(';')[0]}>"
+    except orjson.JSONEncodeError as exc:
+        too_deep = "Recursion" in str(exc)
+    if not too_deep:  # an integer beyond 64 bits or a lone surrogate, which orjson refuses: the standard library
+        try:
+            return json.dumps(value, default=str, separators=(",", ":"))  # ASCII: escapes lone surrogates too
+        except RecursionError:
+            pass
+    return f"<a value that {TOO_DEEP_DETAIL.split(';')[0]}>"  # the row is rejected where it is used
 
 
 # The most bytes one record may take in its file. A reader holds a record whole in memory (and a parsed
