@@ -126,7 +126,7 @@ def main() -> None:
 
     model, tokenizer = engine.load_for_inference(str(model_dir), None, config)
     eot = end_of_turn_ids(tokenizer)
-    rendered_ids = tokenizer([p[-1]["content"] for p in prompts]).input_ids
+    user_ids = tokenizer([p[-1]["content"] for p in prompts], add_special_tokens=False).input_ids
     evaluator_tokens = scores.timings["generated_tokens"]
     batched = plain_generate(model, tokenizer, list(prompts[: args.plain_prompts]), args.new_tokens,
                              config.eval.batch_size, eot)
@@ -135,7 +135,7 @@ def main() -> None:
     result = {
         "bench": "eval_gpu", "shape": args.shape, "engine": args.engine, "gpu": torch.cuda.get_device_name(),
         "model_build_s": round(build_s, 1), "prompts": len(prompts), "new_tokens": args.new_tokens,
-        "mean_prompt_words": round(sum(len(ids) for ids in rendered_ids) / len(rendered_ids), 1),
+        "mean_user_tokens": round(sum(len(ids) for ids in user_ids) / len(user_ids), 1),  # before the template
         "evaluator": {"wall_s_with_load": round(evaluator_wall, 2), "timings": scores.timings,
                       "eval_rows": scores.eval_rows, "generation_batch_size": config.eval.generation_batch_size,
                       "generated_tokens": evaluator_tokens,
