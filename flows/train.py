@@ -32,9 +32,10 @@ from tasks.train import (
 def train_adapter(config: RunConfig, dataset_version: str | None = None, run_id: str | None = None) -> RunSummary:
     """Tokenize with gates, train (resumable), record the run; returns the run summary."""
     run = prepare_run(config, dataset_version, run_id)
-    # the training process imports its libraries while the rows are tokenized and gated; it starts training
-    # only once train_model hands it the spec, and ends here if the gates refuse the run
-    start_worker_early(run.run_id, run.engine, config)
+    # the training process imports its libraries (or a warm worker that did is claimed) and loads the model
+    # while the rows are tokenized and gated; it trains once train_model says the gates passed, and ends here
+    # if they refuse the run
+    start_worker_early(run.run_id, run.model_path, run.engine, config)
     try:
         tokenized = tokenize_dataset(run.dataset_version, run.model_path, config, run.run_id)
         end = train_model(run.run_id, run.model_path, config, run.engine)

@@ -244,9 +244,10 @@ class EndEvent(Batching):
     peak_mem_gib_per_rank: list[float]
     adapter_dir: str
     attention_calls: dict[str, int] = Field(default_factory=dict)  # the attention path each call took
-    # the process's start-up, seconds from its start to each step's end (imports_s, model_s, data_s, trainer_s,
-    # first_step_s) and first_step_at (epoch seconds: a benchmark measures from the command that started it)
-    startup: dict[str, float] = Field(default_factory=dict)
+    # the process's start-up, seconds from its start (or from a warm worker's claim) to each step's end (imports_s,
+    # model_s, data_s, trainer_s, first_step_s), first_step_at (epoch seconds: a benchmark measures from the
+    # command that started it), warm (the job ran in a warm worker, foundation.warm)
+    startup: dict[str, float | bool] = Field(default_factory=dict)
 
 
 class ErrorEvent(Artifact):

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from foundation.settings import PROJECT_DIR
@@ -61,3 +62,28 @@ def log_tail(log: Path, lines: int = 15) -> str:
         return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
     except FileNotFoundError:
         return ""
+
+
+# When a warm worker (tasks.processes.standby) was handed the job this process runs: the job's clock starts
+# then, not at the process's start (its imports were paid before anyone waited for them).
+_job_started_at: float | None = None
+
+
+def mark_job_start(warm: bool) -> None:
+    global _job_started_at
+    _job_started_at = time.time() if warm else None
+
+
+def runs_warm() -> bool:
+    """Whether this process is a warm worker running a job it was handed."""
+    return _job_started_at is not None
+
+
+def job_age_s() -> float:
+    """Seconds since this job started: since the process started (the kernel's start time, so the
+    interpreter's own start counts), or since a warm worker was handed it."""
+    if _job_started_at is not None:
+        return time.time() - _job_started_at
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")

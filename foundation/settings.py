@@ -11,6 +11,7 @@
 | SFTFLOW_SERVE_API_KEY | the API key `sftflow serve` requires of clients (`--api-key`); needed off loopback | unset |
 | SFTFLOW_STACK_ID | set by `sftflow up` in the environment of what it starts, so `down` stops only those | unset |
 | SFTFLOW_LOCAL_API_IDLE_S | seconds the workspace's local Prefect API waits without a request before it stops; 0: start none (each command runs a temporary one) | 600 |
+| SFTFLOW_WARM_WORKER_IDLE_S | seconds a warm worker (the engine's libraries imported ahead, foundation/warm.py) waits for a job before it exits; 0: start none | 600 with a CUDA GPU, else 0 |
 | SFTFLOW_LOCAL_API_ID | set in the local Prefect API's environment, so a command adopts or stops only its own | unset |
 | SFTFLOW_CPU_RANKS | tests only, on a machine without CUDA: train with N data-parallel gloo ranks on the CPU | unset |
 
@@ -36,6 +37,7 @@ DATABASE_URL = "SFTFLOW_DATABASE_URL"
 STACK_ID = "SFTFLOW_STACK_ID"
 LOCAL_API_IDLE = "SFTFLOW_LOCAL_API_IDLE_S"
 LOCAL_API_ID = "SFTFLOW_LOCAL_API_ID"
+WARM_WORKER_IDLE = "SFTFLOW_WARM_WORKER_IDLE_S"
 SERVE_API_KEY = "SFTFLOW_SERVE_API_KEY"
 CPU_RANKS = "SFTFLOW_CPU_RANKS"
 
@@ -53,6 +55,7 @@ class Settings:
     stack_id: str | None
     local_api_idle_s: float
     cpu_ranks: int | None
+    warm_worker_idle_s: float | None = None  # None: the default, which depends on the machine (foundation.warm)
     serve_api_key: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
     @classmethod
@@ -69,6 +72,7 @@ class Settings:
             stack_id=env.get(STACK_ID) or None,
             local_api_idle_s=float(env.get(LOCAL_API_IDLE) or 600),
             cpu_ranks=int(cpu_ranks) if cpu_ranks else None,
+            warm_worker_idle_s=float(env[WARM_WORKER_IDLE]) if env.get(WARM_WORKER_IDLE) else None,
             serve_api_key=env.get(SERVE_API_KEY) or None,
         )
 

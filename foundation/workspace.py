@@ -13,6 +13,7 @@
       prefect/                                                 PREFECT_HOME (SQLite database of the local API and the stack)
       prefect/local-api.json, local-api.log                    the local Prefect API commands share (sftflow/local_api.py)
       stack/                                                   `sftflow up`: state.json and process logs
+      warm-workers.log                                         the warm workers' own output (foundation/warm.py)
 
 A workspace written by a version of sftflow with another layout is refused before anything in it is
 read or written, with what to do.
@@ -106,6 +107,10 @@ class Workspace:
     @property
     def local_api_log(self) -> Path:
         return self.prefect_home / "local-api.log"
+
+    @property
+    def warm_log(self) -> Path:
+        return self.root / "warm-workers.log"
 
     # The stores: each alone knows the layout under its directory.
 

@@ -5,7 +5,8 @@ the whole eval split (teacher forcing), the answer metrics on a fixed, seeded sa
 answered by greedy decoding.
 
 Scoring runs in a subprocess (`python -m tasks.processes.evaluator`) for the same reasons training
-does: GPU memory is released, and Unsloth is imported before transformers. The pure functions here
+does: GPU memory is released, and Unsloth is imported before transformers; a warm worker that has imported
+the engine already takes the job when one is waiting (foundation.warm). The pure functions here
 (the sample, the prompt of a row, the decision) are what that process, the export's parity check and
 the tests call.
 """
@@ -19,14 +20,18 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from foundation import processes
+from foundation import processes, warm
 from foundation.artifacts import Answer, Decision, EvalReport, EvalScores, EvaluatorSpec, ModelRef
 from foundation.errors import SftflowError
 from foundation.stores.runs import RunDir
 from foundation.workspace import Workspace
 from schemas.config import EvalConfig, RunConfig
 from schemas.metrics import BY_NAME
+from tasks.engines import cuda_available
 from tasks.trackers import log_eval_metrics
+
+
+EVALUATOR = "tasks.processes.evaluator"
 
 
 def has_reference(messages: list[dict]) -> bool:
@@ -98,8 +103,12 @@ def score_models(run: RunDir, models: dict[str, ModelRef]) -> EvalScores:
     manifest = run.manifest()
     EvaluatorSpec(run_dir=str(run.root), engine=manifest.engine, dataset_dir=manifest.dataset_dir,
                   config=manifest.config, models=models, out=str(run.eval_scores)).write(run.evaluator_spec)
-    command = processes.module_command("tasks.processes.evaluator", str(run.evaluator_spec))
-    returncode = processes.run(command, run.evaluator_log, processes.child_env())
+    workspace, env, args = Workspace.from_env(), processes.child_env(), [str(run.evaluator_spec)]
+    # a warm worker that imported the engine (started with the training, or by the last evaluation) when one waits
+    proc = (warm.claim(workspace.root, manifest.engine, EVALUATOR, args, run.evaluator_log, env)
+            or processes.start(processes.module_command(EVALUATOR, *args), run.evaluator_log, env))
+    warm.ensure(workspace.root, manifest.engine, env, workspace.warm_log, cuda=cuda_available)
+    returncode = proc.wait()
     if returncode != 0:
         raise EvaluationError(f"evaluation of {run.run_id} failed (exit {returncode}):\n"
                               f"{processes.log_tail(run.evaluator_log)}")

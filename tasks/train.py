@@ -32,7 +32,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from foundation import processes
+from foundation import processes, warm
+from foundation.atomic import write_bytes_atomic
 from foundation.artifacts import (
     Batching,
     SplitRows,
@@ -321,21 +322,55 @@ def launch_environment(ranks: int, config: RunConfig, logger) -> dict[str, str]:
 
 
 # Training processes started before their run's tokenization, by run id (start_worker_early), for train_model
-# to take over. The engine's imports (Unsloth's: ~30 s on the GPU machine, every run) then overlap the
-# tokenization and the gates instead of following them.
-_STARTED_EARLY: dict[str, subprocess.Popen] = {}
+# to take over. The engine's imports (Unsloth's: ~30 s on the GPU machine, every run) and the model's load then
+# overlap the tokenization and the gates instead of following them.
+_STARTED_EARLY: dict[str, subprocess.Popen | warm.WarmProcess] = {}
 
 
-def start_worker_early(run_id: str, engine: str, config: RunConfig) -> None:
+def start_training_process(run: RunDir, ranks: int, env: dict[str, str], engine: str,
+                           early: bool = False) -> subprocess.Popen | warm.WarmProcess:
+    """The run's training process: handed to a warm worker of the engine when one is waiting (one rank), else
+    started; either way a warm worker is started for the next process of the engine (the evaluation, the next
+    run), when warm workers are on (foundation.warm)."""
+    workspace = Workspace.from_env()
+    command = worker_command(run.worker_spec, ranks, early_engine=engine if early else None)
+    proc = None
+    if ranks == 1:
+        proc = warm.claim(workspace.root, engine, command[2], command[3:], run.worker_log, env, pipe_stdout=True)
+    if proc is None:
+        proc = processes.start(command, run.worker_log, env, stdout=subprocess.PIPE)
+    warm.ensure(workspace.root, engine, processes.child_env(), workspace.warm_log, cuda=_cuda_available)
+    return proc
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def start_worker_early(run_id: str, model_path: str, engine: str, config: RunConfig) -> None:
     """Start the run's training process now, on one GPU (torchrun starts its ranks itself): it imports the
-    engine's libraries and waits for worker_spec.json, which train_model writes once the gates passed. It
-    touches no model and no data before then; `discard_early_worker` ends it when the run stops first."""
-    if training_ranks(config.train) != 1:
+    engine's libraries and loads the model from worker_spec.json, written here, and trains once train_model
+    writes worker.go (the gates passed). `discard_early_worker` ends it when the run stops first.
+
+    A run the resource gates would refuse starts nothing here: train_model refuses it in its turn."""
+    ranks = training_ranks(config.train)
+    if ranks != 1:
+        return
+    try:
+        check_can_train(model_path, config, engine, ranks, lambda *args: None)
+    except SftflowError:
         return
     run = Workspace.from_env().runs.dir(run_id)
-    run.worker_spec.unlink(missing_ok=True)  # an earlier attempt's: the process would start from it at once
-    _STARTED_EARLY[run_id] = processes.start(worker_command(run.worker_spec, 1, early_engine=engine),
-                                             run.worker_log, processes.child_env(), stdout=subprocess.PIPE)
+    run.worker_go.unlink(missing_ok=True)  # an earlier attempt's: the process would train on stale rows at once
+    write_worker_spec(run, model_path, engine, config)
+    _STARTED_EARLY[run_id] = start_training_process(run, 1, processes.child_env(), engine, early=True)
+
+
+def write_worker_spec(run: RunDir, model_path: str, engine: str, config: RunConfig) -> None:
+    WorkerSpec(run_dir=str(run.root), model_path=model_path, engine=engine,
+               config=config.model_dump(mode="json")).write(run.worker_spec)
 
 
 def discard_early_worker(run_id: str) -> None:
@@ -347,7 +382,7 @@ def discard_early_worker(run_id: str) -> None:
             proc.stdout.close()
 
 
-def _take_early_worker(run_id: str, engine: str, ranks: int) -> subprocess.Popen | None:
+def _take_early_worker(run_id: str, engine: str, ranks: int) -> subprocess.Popen | warm.WarmProcess | None:
     proc = _STARTED_EARLY.get(run_id)
     if proc is None or proc.poll() is not None or ranks != 1 or proc.args[-1] != engine:
         discard_early_worker(run_id)  # gone, or started for another engine: train_model starts its own
@@ -371,13 +406,13 @@ def train_model(run_id: str, model_path: str, config: RunConfig, engine: str) ->
         discard_early_worker(run_id)
         raise
     early = _take_early_worker(run_id, engine, ranks)
-    WorkerSpec(run_dir=str(run.root), model_path=model_path, engine=engine,
-               config=config.model_dump(mode="json")).write(run.worker_spec)
+    write_worker_spec(run, model_path, engine, config)
     follower = EventFollower(run, logger, config.train.logging_steps)
     env = launch_environment(ranks, config, logger)
     with open(run.worker_log, "a") as log, open(run.progress, "a") as events:
-        proc = early or processes.start(worker_command(run.worker_spec, ranks), run.worker_log, env,
-                                        stdout=subprocess.PIPE)
+        if early is not None:
+            write_bytes_atomic(run.worker_go, b"")  # the rows are there and the gates passed: it trains now
+        proc = early or start_training_process(run, ranks, env, engine)
         run.worker_pid.write_text(str(proc.pid))
         try:
             follower.follow(proc.stdout, log, events)

@@ -18,6 +18,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 # Commands run their own temporary Prefect server, as before the local API: hundreds of CLI subprocesses in
 # fresh workspaces must not leave a server each behind. tests/test_local_api.py turns it on where it tests it.
 os.environ["SFTFLOW_LOCAL_API_IDLE_S"] = "0"
+# No warm workers either (they are off without CUDA anyway, but a test run on a GPU machine would start one per
+# training); tests/flows/test_warm_workers.py turns them on where it tests them.
+os.environ["SFTFLOW_WARM_WORKER_IDLE_S"] = "0"
 
 
 def free_port() -> int:
@@ -44,8 +47,8 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_local_api_left(tmp_path_factory):
-    """At the end of the session, stop any local Prefect API still running from this session's workspaces
-    (a test that failed before its own teardown)."""
+    """At the end of the session, stop any local Prefect API or warm worker still running from this session's
+    workspaces (a test that failed before its own teardown)."""
     yield
     import signal
 
@@ -59,6 +62,11 @@ def no_local_api_left(tmp_path_factory):
                 v.startswith(b"PREFECT_HOME=" + base.encode()) for v in environ):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
+    from foundation import warm
+
+    for name in warm.listening():  # warm workers of this session's workspaces
+        if (found := warm.ask(name, {"describe": True})) and found["workspace"].startswith(base):
+            warm.ask(name, {"stop": found["workspace"]})
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@
       config.yaml                  the resolved run config
       tokenized/{train,eval}.parquet   the rows exactly as trained (input_ids, labels)
       worker_spec.json, worker.pid, worker.log, progress.jsonl   the training process: its input, pid, log, events
+      worker.go                                                    the rows are tokenized: a process started early trains
       checkpoints/checkpoint-<step>/   trainer checkpoints (a retried run resumes from the last)
       adapter/                     the LoRA adapter (PEFT format) with tokenizer and chat template
       tensorboard/, loss.png       the loss curve (TensorBoard events: training and eval scalars)
@@ -38,6 +39,7 @@ class RunDir:
     tokenized_dir = property(lambda self: self.root / "tokenized")
     worker_spec = property(lambda self: self.root / "worker_spec.json")
     worker_pid = property(lambda self: self.root / "worker.pid")
+    worker_go = property(lambda self: self.root / "worker.go")
     worker_log = property(lambda self: self.root / "worker.log")
     progress = property(lambda self: self.root / "progress.jsonl")
     checkpoints = property(lambda self: self.root / "checkpoints")

@@ -17,7 +17,9 @@ directory and reports progress on stdout as one `WorkerEvent` (foundation.artifa
 
 `python -m tasks.processes.trainer SPEC --engine NAME` is the process started early (see
 `tasks.train.start_worker_early`): it imports the engine's libraries (Unsloth's import alone is ~30 s on the
-GPU machine), then waits for SPEC, which the train task writes once the run's tokenization and gates passed.
+GPU machine) and loads the model while the run's rows are tokenized, then waits for RUN_DIR/worker.go, which
+the train task writes once the gates passed. Either form may run in a warm worker (foundation.warm) that
+imported the engine before the command started.
 
 Everything else (library logs, warnings) goes to stderr, which the task saves to worker.log.
 
@@ -40,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from foundation import processes
 from foundation.artifacts import (
     Artifact,
     Batching,
@@ -70,13 +73,6 @@ def claim_stdout() -> None:
 def emit(event: Artifact) -> None:
     _events.write(event_line(event) + "\n")
     _events.flush()
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (the kernel's start time, so the interpreter's own start counts)."""
-    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def exit_with_parent(interval_s: float = 1.0) -> None:
@@ -225,7 +221,7 @@ def progress_callback(recipe: "TrainingRecipe"):
 
         def on_step_end(self, args, state, control, **kwargs):
             if "first_step_s" not in recipe.startup:
-                recipe.startup.update(first_step_s=round(process_age_s(), 2), first_step_at=round(time.time(), 2))
+                recipe.startup.update(first_step_s=round(processes.job_age_s(), 2), first_step_at=round(time.time(), 2))
 
     return Progress()
 
@@ -237,18 +233,21 @@ class TrainingRecipe:
         from tasks.engines import load_engine
 
         self.engine = load_engine(spec.engine)  # first: unsloth patches transformers/trl on import
-        self.startup = {"imports_s": round(process_age_s(), 2)}
+        self.startup = {"imports_s": round(processes.job_age_s(), 2)}
         self.spec = spec
         self.config = RunConfig.model_validate(spec.config)
         self.run = RunDir(Path(spec.run_dir))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
 
-    def setup(self) -> None:
-        for name, step in (("model_s", self._setup_model), ("data_s", self._setup_data),
-                           ("trainer_s", self._setup_trainer), ("callbacks_s", self._setup_callbacks)):
+    def setup(self, model: bool = True, rest: bool = True) -> None:
+        """The setup steps (the model's alone, for a process started early, or the others once the rows are there)."""
+        steps = ((("model_s", self._setup_model),) if model else ()) + (
+            (("data_s", self._setup_data), ("trainer_s", self._setup_trainer), ("callbacks_s", self._setup_callbacks))
+            if rest else ())
+        for name, step in steps:
             step()
-            self.startup[name] = round(process_age_s(), 2)
+            self.startup[name] = round(processes.job_age_s(), 2)
 
     def _setup_model(self) -> None:
         from transformers import set_seed
@@ -366,11 +365,11 @@ class TrainingRecipe:
         replace_dir(tmp, final)
 
 
-def wait_for_spec(spec_path: Path, interval_s: float = 0.05) -> float:
-    """Started early (`--engine`): wait until the train task writes the spec (it is written atomically);
-    the seconds waited. The process ends with its parent (exit_with_parent) if the gates refuse the run."""
+def wait_for(path: Path, interval_s: float = 0.05) -> float:
+    """Started early (`--engine`): wait until the train task writes `path` (atomically); the seconds waited.
+    The process ends with its parent (exit_with_parent) if the run stops before."""
     started = time.monotonic()
-    while not spec_path.exists():
+    while not path.exists():
         time.sleep(interval_s)
     return time.monotonic() - started
 
@@ -378,16 +377,23 @@ def wait_for_spec(spec_path: Path, interval_s: float = 0.05) -> float:
 def main(spec_path: str, engine: str | None = None) -> None:
     exit_with_parent()
     claim_stdout()
-    waited = None
-    if engine is not None:  # started before the run's tokenization: import the engine's libraries meanwhile
+    if engine is None:
+        recipe = TrainingRecipe(WorkerSpec.read(Path(spec_path)))
+        recipe.setup()
+    else:
+        # Started before the run's tokenization (tasks.train.start_worker_early): the engine's libraries are
+        # imported (unless a warm worker did that already) and the model loaded while the rows are tokenized and
+        # gated; the rest waits for worker.go, which the train task writes once the gates passed.
         from tasks.engines import load_engine
 
         load_engine(engine)
-        waited = wait_for_spec(Path(spec_path))
-    recipe = TrainingRecipe(WorkerSpec.read(Path(spec_path)))
-    if waited is not None:
+        waited = wait_for(Path(spec_path))
+        recipe = TrainingRecipe(WorkerSpec.read(Path(spec_path)))
         recipe.startup["waited_for_spec_s"] = round(waited, 2)
-    recipe.setup()
+        recipe.setup(rest=False)
+        recipe.startup["waited_for_rows_s"] = round(wait_for(recipe.run.worker_go), 2)
+        recipe.setup(model=False)
+    recipe.startup["warm"] = processes.runs_warm()
     recipe.train()
 
 

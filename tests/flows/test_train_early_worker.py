@@ -1,5 +1,5 @@
-"""The training process starts before the run's tokenization (its imports overlap the gates) and trains only
-once the gates passed; a refused run leaves no process behind."""
+"""The training process starts before the run's tokenization (its imports and the model's load overlap the
+gates) and trains only once the gates passed; a refused run leaves no process behind."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_the_training_process_starts_before_the_gates_and_trains_after_them(work
     run = RunDir(workspace.runs_dir / "early")
     end = next(e for e in run.events() if e.event == "end")
     assert summary.global_step == 2
-    assert end.startup["waited_for_spec_s"] >= 0  # this process waited for the spec: it was started early
+    assert end.startup["waited_for_rows_s"] >= 0  # this process waited for the rows: it was started early
     started = end.startup["first_step_at"] - end.startup["first_step_s"]
     # it was running before the tokenized rows were written, and trained on them after
     assert started < run.tokenized("train").stat().st_mtime < end.startup["first_step_at"]
@@ -57,5 +57,5 @@ def test_a_run_the_gates_refuse_ends_its_early_process(workspace, dataset):
     with pytest.raises(GateError, match="longer than train.max_seq_length=16"):
         train_adapter(config=config, run_id="refused")
     run = RunDir(workspace.runs_dir / "refused")
-    assert not run.worker_spec.exists() and not run.progress.exists()  # never handed a spec, never trained
+    assert not run.worker_go.exists() and not run.progress.exists()  # never told to train, never trained
     assert not processes_naming(str(run.root))
