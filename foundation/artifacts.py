@@ -8,6 +8,7 @@ refused with `WorkspaceError`, naming the file and the field.
 Files (under the workspace)                          model
   drops/<id>/report.json                              DropReport
   datasets/<version>/manifest.json                    DatasetManifest (its drops: DropRecord)
+  datasets/<version>/tokenized/<key>/tokenized.json   Tokenized        (tasks.tokenize's cache)
   landing/.emitted/<id>.json, landing/.refused/...    EmittedRecord, RefusedRecord
   runs/<id>/worker_spec.json                          WorkerSpec       (train task -> training process)
   runs/<id>/progress.jsonl, the worker's stdout       WorkerEvent      (one per line, both ends)
@@ -286,6 +287,11 @@ class TokenizedSplit(Artifact):
     dropped_no_labels: int
     pad_is_eot: bool
     path: str
+
+    @property
+    def kept_rows(self) -> int:
+        """The rows in the file: those that kept a trainable token."""
+        return self.rows - self.dropped_no_labels
 
 
 class Tokenized(Artifact):

@@ -3,6 +3,7 @@
     $SFTFLOW_HOME (default ./.sftflow)
       workspace.json                                           the layout version this workspace is written in
       datasets/<version>/{train,eval}.parquet, manifest.json   immutable dataset versions (stores.datasets)
+      datasets/<version>/tokenized/<key>/                     its rows as tokenized for training (a cache: tasks.tokenize)
       datasets/CURRENT                                         name of the current version
       drops/<drop_id>/{report.json,quarantine.parquet,duplicates.parquet}   (stores.drops)
       staging/                                                 a flow run's intermediate tables, removed after it

@@ -5,8 +5,10 @@ starts, and what the run would cost, without starting anything.
 
 It resolves the base model as `prepare_run` does, tokenizes the dataset version with the model's chat
 template and runs the same gates as `tokenize_dataset` (trainable tokens, end-of-turn labels, padding,
-truncation) and the same pre-flight as `train_model` (engine and ranks, the memory floor), in this
-process. It writes no run directory and starts no flow run and no training process.
+truncation), through the same function and so the same cache (`tasks.tokenize.tokenize_version`: it
+reuses the rows an earlier run or dry run tokenized, and leaves them for the run that follows), and the
+same pre-flight as `train_model` (engine and ranks, the memory floor), in this process. It writes no run
+directory and starts no flow run and no training process.
 
 The numbers are the ones the trainer will use: optimizer steps as transformers' Trainer counts them
 (`set_initial_training_values`), the sequences trl packs (`pack_dataset`) when `train.packing` is set,
@@ -107,14 +109,12 @@ def dry_run(config: RunConfig, dataset_version: str | None, log=print) -> DryRun
 
     Raises what the run would fail with before its first step: NotFoundError (no dataset), ConfigError
     (model, engine), TemplateError / GateError (masks) or ResourceError (memory)."""
-    import pyarrow.parquet as pq
     import torch
 
     from tasks.base_model import resolve_model
     from tasks.engines import pick_engine
-    from tasks.engines.tokenizer import load_tokenizer
     from tasks.preflight import check_training_fits
-    from tasks.tokenize import run_gates
+    from tasks.tokenize import tokenize_version
     from tasks.train import check_can_train, training_ranks
 
     workspace = Workspace.from_env().check_layout()
@@ -123,13 +123,10 @@ def dry_run(config: RunConfig, dataset_version: str | None, log=print) -> DryRun
     ranks = training_ranks(t)
     engine = pick_engine(t.engine, ranks=ranks)
     model = resolve_model(config.model, workspace, log=log)
-    tokenizer = load_tokenizer(model.path, config)
-    kept = {}
-    for split in ("train", "eval"):
-        table, _, gates = run_gates(tokenizer, pq.read_table(dataset.path(split)), t.max_seq_length,
-                                           t.max_truncation_rate, split)
-        kept[split] = (table, gates)
-    table, gates = kept["train"]
+    rows = tokenize_version(dataset, model.path, config, warn=log)
+    if rows.reused:
+        log(f"reusing the tokenized rows in {rows.entry.root}")
+    table, gates = rows.table("train"), rows.record.train
     check_can_train(model.path, config, engine, ranks, log=lambda *_: None)  # the gate train_model runs
     memory = check_training_fits(model.path, config, cuda=torch.cuda.is_available(), log=log, engine=engine)
 
@@ -147,7 +144,7 @@ def dry_run(config: RunConfig, dataset_version: str | None, log=print) -> DryRun
     rate = latest_rate(workspace, model.path, engine)
     return DryRun(
         dataset_version=dataset.name, model_path=model.path, engine=engine, world_size=ranks,
-        train_rows=table.num_rows, eval_rows=kept["eval"][0].num_rows, sequences=sequences, packing=t.packing,
+        train_rows=table.num_rows, eval_rows=rows.record.eval.kept_rows, sequences=sequences, packing=t.packing,
         per_device_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         global_batch_size=t.batch_size * t.gradient_accumulation_steps * ranks, steps_per_epoch=per_epoch,
         epochs=t.epochs if t.max_steps is None else None, max_steps=t.max_steps, optimizer_steps=steps,

@@ -15,14 +15,43 @@ The gates run here, on the CPU, before any GPU minute is spent:
 - every assistant turn's end-of-turn token is a label (or the row was truncated, which is counted);
 - padding does not mask the end-of-turn token (checked through the real collator);
 - the truncation rate is at most `train.max_truncation_rate`.
+
+A dataset version's tokenized rows are cached on the machine and reused by every later run (and dry run)
+with the same tokenizer and settings: a retry, a learning-rate change, a scheduled retrain with no new
+data. Such a run's `tokenized/` files are hard links to the cached ones; it loads no tokenizer and imports
+no trl (~17-21 s of every GPU run's way to its first step). The key is a sha256 over everything that
+decides the rows and gate counts (`cache_key`): the version's name (versions are content-addressed), the
+bytes of the tokenizer's files in the model directory, `model.chat_template`'s text, `model.revision`,
+`train.max_seq_length`, `train.max_truncation_rate`, the source of the code that tokenizes (this module,
+tasks/engines/chat_format.py and tokenizer.py: a change of it invalidates every entry, with no version
+number to remember) and the versions of the libraries that render, tokenize, gate and write the rows.
+A model with remote code, or one that is not a local directory, is never cached (`cache_key` says why).
+
+The entries live with their dataset version, `datasets/<version>/tokenized/<key>/`
+(`foundation.stores.datasets.TokenizedEntry`), not under the workspace's `cache/`: deleting a version
+deletes its entries, and nothing reads a version's directory by listing it (the store finds versions by
+their manifest, the manifest lists the files it covers, `sftflow datasets` reads manifests and splits),
+so the extra directory disturbs no reader. `cache/` may also be shared between workspaces (SFTFLOW_CACHE),
+and with it every test session that keeps a model cache: an entry there would outlive its version. An
+entry is written whole (staged beside it, then renamed into place) and only after the gates passed; one
+that is unreadable or incomplete is a miss, tokenized again and replaced. Remove `datasets/*/tokenized/`
+to clear the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import sys
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
@@ -30,8 +59,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from foundation.artifacts import Tokenized, TokenizedSplit
-from foundation.errors import SftflowError
+from foundation.atomic import exclusive_lock, remove_stale_tmp, sha256_of, staged_dir, tmp_sibling
+from foundation.errors import SftflowError, WorkspaceError
+from foundation.stores.datasets import SPLITS, DatasetVersion, TokenizedEntry
 from foundation.workspace import Workspace
+from schemas.chat_templates import template_text
 from schemas.config import RunConfig
 from tasks.engines.chat_format import chat_format, end_of_turn_ids, render
 from tasks.engines.tokenizer import TemplateError, load_tokenizer
@@ -374,29 +406,182 @@ def run_gates(tokenizer, rows: pa.Table, max_length: int, max_truncation_rate: f
     return table, examples, report
 
 
+# ---------------------------------------------------------------------------------------------
+# The cache of a version's tokenized rows (see the module's docstring)
+# ---------------------------------------------------------------------------------------------
+
+# The files of a model directory AutoTokenizer reads: the tokenizer's own (tokenizer.json, tokenizer_config.json,
+# versioned tokenizer.<v>.json, sentencepiece and tiktoken models, BPE vocabularies and merges), the chat templates
+# beside it, and config.json, whose model type picks the tokenizer class when tokenizer_config.json names none.
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*",
+                   "additional_chat_templates/*", "vocab*", "merges*", "*.model", "*.tiktoken", "config.json")
+# The modules whose source decides the rows (all imported by this one).
+TOKENIZING_CODE = (__name__, "tasks.engines.chat_format", "tasks.engines.tokenizer")
+# What renders the template, tokenizes, runs the padding gate and writes the Parquet bytes.
+LIBRARIES = ("transformers", "tokenizers", "jinja2", "trl", "pyarrow")
+
+
+def _library_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cache_key(dataset_version: str, model_path: str, config: RunConfig) -> str | None:
+    """The sha256 of everything that decides a version's tokenized rows and gate counts for this model and
+    config; None when they cannot be cached."""
+    model = Path(model_path)
+    # Remote code is a tokenizer class whose behaviour is not in the files hashed here (and may be fetched anew),
+    # and a name that is no local directory is whatever the Hub holds for it today: neither can be keyed on bytes
+    # read here, so such runs tokenize every time.
+    if config.model.trust_remote_code or not model.is_dir():
+        return None
+    files = sorted({p for pattern in TOKENIZER_FILES for p in model.glob(pattern) if p.is_file()})
+    inputs = {
+        "dataset_version": dataset_version,
+        "tokenizer_files": {p.relative_to(model).as_posix(): sha256_of(p) for p in files},
+        "chat_template": template_text(config.model.chat_template) if config.model.chat_template else None,
+        "revision": config.model.revision,
+        "max_seq_length": config.train.max_seq_length,
+        "max_truncation_rate": config.train.max_truncation_rate,
+        "code": {name: sha256_of(Path(sys.modules[name].__file__)) for name in TOKENIZING_CODE},
+        "libraries": {name: _library_version(name) for name in LIBRARIES},
+    }
+    return hashlib.sha256(orjson.dumps(inputs, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def at_paths(record: Tokenized, path: Callable[[str], Path]) -> Tokenized:
+    """The record with each split's `path` where that split's file is."""
+    return record.model_copy(update={s: getattr(record, s).model_copy(update={"path": str(path(s))}) for s in SPLITS})
+
+
+def read_entry(entry: TokenizedEntry) -> tuple[Tokenized, str] | None:
+    """A cache entry's record and mask markdown, when the entry is whole: its record parses and each Parquet
+    file's footer reads with the rows the record counts. None otherwise: a miss, tokenized again and replaced."""
+    try:
+        record = Tokenized.read(entry.record)
+        for split in SPLITS:
+            if pq.read_metadata(entry.path(split)).num_rows != getattr(record, split).kept_rows:
+                return None
+        return record, entry.mask.read_text(encoding="utf-8")
+    except (OSError, ValueError, WorkspaceError, pa.ArrowException):  # missing, truncated or changed by hand
+        return None
+
+
+def store_entry(entry: TokenizedEntry, tables: dict[str, pa.Table], record: Tokenized, mask: str) -> Tokenized:
+    """Write a tokenization into the cache whole (staged beside the entry, then renamed into place, replacing a
+    damaged one); returns its record with the entry's paths."""
+    record = at_paths(record, entry.path)
+    with exclusive_lock(entry.root.parent / ".lock"):
+        remove_stale_tmp(entry.root.parent)  # what writers that died left
+        with staged_dir(entry.root) as tmp:
+            staged = TokenizedEntry(tmp)
+            for split in SPLITS:
+                pq.write_table(tables[split], staged.path(split))
+            staged.mask.write_text(mask, encoding="utf-8")
+            record.write(staged.record)
+    return record
+
+
+def place_file(source: Path, target: Path) -> None:
+    """Make `target` hold `source`'s bytes: a hard link (nothing copied), or a copy where a link cannot be made
+    (another file system). Through a temporary name, so a file already at `target` (maybe a link to another
+    entry) is replaced, never written through."""
+    tmp = tmp_sibling(target)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_table(table: pa.Table, target: Path) -> None:
+    """Write Parquet through a temporary name (a file already at `target` may be a link into the cache)."""
+    tmp = tmp_sibling(target)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class TokenizedVersion:
+    """A dataset version's splits tokenized for one model and config: the record (gate counts; its paths are the
+    cache entry's files, empty when there is no entry), the mask markdown of one training example, and where the
+    rows are: the cache entry, the tables in memory, or both."""
+
+    record: Tokenized
+    mask: str
+    entry: TokenizedEntry | None  # None: not cacheable, or the entry could not be written
+    tables: dict[str, pa.Table]  # empty when the rows were reused from the entry
+    reused: bool
+
+    def table(self, split: str) -> pa.Table:
+        return self.tables[split] if split in self.tables else pq.read_table(self.entry.path(split))
+
+
+def tokenize_version(dataset: DatasetVersion, model_path: str, config: RunConfig,
+                     warn: Callable[[str], None]) -> TokenizedVersion:
+    """Tokenize a version's train and eval splits and run the gates, or reuse the cached result of an earlier
+    run with the same key; raises GateError / TemplateError as the gates do. A cache that cannot be written is
+    warned about, never an error: the run has its rows either way."""
+    key = cache_key(dataset.name, model_path, config)
+    entry = dataset.tokenized_entry(key) if key else None
+    if entry is not None and (found := read_entry(entry)) is not None:
+        return TokenizedVersion(*found, entry=entry, tables={}, reused=True)
+    tokenizer = load_tokenizer(model_path, config)
+    tables, splits, mask = {}, {}, ""
+    for split in SPLITS:
+        table, examples, gates = run_gates(tokenizer, pq.read_table(dataset.path(split)), config.train.max_seq_length,
+                                           config.train.max_truncation_rate, split)
+        trainable = sum(sum(1 for t in e.labels if t != IGNORE) for e in examples)
+        tables[split] = table
+        splits[split] = TokenizedSplit(trainable_tokens=trainable, **gates.__dict__, path="")  # where it is written
+        if split == "train" and examples:
+            mask = mask_markdown(tokenizer, examples[0], table.column("id")[0].as_py())
+    record = Tokenized(**splits, eos_ids=sorted(end_of_turn_ids(tokenizer)))
+    if entry is not None:
+        try:
+            record = store_entry(entry, tables, record, mask)
+        except OSError as exc:
+            warn(f"could not cache the tokenized rows in {entry.root} ({exc}); the next run tokenizes them again")
+            entry = None
+    return TokenizedVersion(record, mask, entry, tables, reused=False)
+
+
 @task(cache_policy=NO_CACHE)
 def tokenize_dataset(dataset_version: str, model_path: str, config: RunConfig, run_id: str) -> Tokenized:
-    """Tokenize the dataset version's train and eval splits into the run directory; run the gates."""
+    """Tokenize the dataset version's train and eval splits into the run directory and run the gates, or link
+    the rows of an earlier run with the same tokenizer and settings from the cache."""
     logger = get_run_logger()
     workspace = Workspace.from_env()
     dataset, run = workspace.datasets.find(dataset_version), workspace.runs.dir(run_id)
-    tokenizer = load_tokenizer(model_path, config)
+    rows = tokenize_version(dataset, model_path, config, logger.warning)
     run.tokenized_dir.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split in ("train", "eval"):
-        table, examples, gates = run_gates(
-            tokenizer, pq.read_table(dataset.path(split)), config.train.max_seq_length,
-            config.train.max_truncation_rate, split
-        )
-        pq.write_table(table, run.tokenized(split))
-        trainable = sum(sum(1 for t in e.labels if t != IGNORE) for e in examples)
-        splits[split] = TokenizedSplit(trainable_tokens=trainable, **gates.__dict__, path=str(run.tokenized(split)))
+    for split in SPLITS:
+        if rows.entry is not None:
+            place_file(rows.entry.path(split), run.tokenized(split))
+        else:
+            write_table(rows.tables[split], run.tokenized(split))
+    if rows.reused:
+        logger.info("reused the tokenized rows and gate counts of an earlier run with the same tokenizer and "
+                    "settings, from %s", rows.entry.root)
+    tokenized = at_paths(rows.record, run.tokenized)
+    for split in SPLITS:
+        s = getattr(tokenized, split)
         logger.info("%s: %s rows, %s trainable tokens (%.0f%% of tokens), %s truncated (%.1f%%)", split,
-                    table.num_rows, trainable, 100 * gates.trainable_share, gates.truncated, 100 * gates.truncation_rate)
-        if split == "train" and examples:
-            create_markdown_artifact(
-                key="training-example-mask",
-                markdown=mask_markdown(tokenizer, examples[0], table.column("id")[0].as_py()),
-                description="One training example as the model sees it, with its loss mask",
-            )
-    return Tokenized(**splits, eos_ids=sorted(end_of_turn_ids(tokenizer)))
+                    s.kept_rows, s.trainable_tokens, 100 * s.trainable_share, s.truncated, 100 * s.truncation_rate)
+    if rows.mask:
+        create_markdown_artifact(
+            key="training-example-mask",
+            markdown=rows.mask,
+            description="One training example as the model sees it, with its loss mask",
+        )
+    return tokenized

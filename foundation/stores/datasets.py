@@ -4,6 +4,10 @@
       CURRENT                                 name of the current version (replaced atomically)
       ds-<hash>/train.parquet, eval.parquet   canonical rows
       ds-<hash>/manifest.json                 DatasetManifest, written last
+      ds-<hash>/tokenized/<key>/              the version's rows as tokenized for one tokenizer and config
+                                              (tasks.tokenize's cache): {train,eval}.parquet, tokenized.json,
+                                              mask.md; each entry appears whole; the rest of the version
+                                              never changes after it is written
       .lock                                   held while a version is written (concurrent drops chain)
 """
 
@@ -28,6 +32,19 @@ MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
+class TokenizedEntry:
+    """One cached tokenization of a version's rows (written and read by tasks.tokenize)."""
+
+    root: Path
+
+    def path(self, split: str) -> Path:
+        return self.root / f"{split}.parquet"
+
+    record = property(lambda self: self.root / "tokenized.json")  # foundation.artifacts.Tokenized
+    mask = property(lambda self: self.root / "mask.md")  # the training-example-mask artifact's markdown
+
+
+@dataclass(frozen=True)
 class DatasetVersion:
     root: Path
 
@@ -41,6 +58,9 @@ class DatasetVersion:
 
     def path(self, split: str) -> Path:
         return self.root / f"{split}.parquet"
+
+    def tokenized_entry(self, key: str) -> TokenizedEntry:
+        return TokenizedEntry(self.root / "tokenized" / key)
 
     def ids(self) -> pa.Array:
         """Every row id of the version (both splits)."""
