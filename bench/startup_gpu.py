@@ -3,18 +3,19 @@
 Run on the GPU machine (see ../shared/gpu/README.md), from the project root:
 
     source .gpu/on-device.sh
-    python bench/startup_gpu.py --data .gpu/alpaca_en_demo.json --out $OUT [--copies 10] [--steps 60] [--runs 2]
+    python bench/startup_gpu.py --data .gpu/alpaca_en_demo.json --out $OUT [--copies 10] [--steps 20,20,200]
 
 It builds the random-weight Llama-3.2-1B-shaped model of bench/train_gpu.py (cached under --work), writes a
 drop of the Alpaca demo x --copies (each copy's instructions marked, so that deduplication keeps them), runs
 `python -m sftflow ingest` on it, then `python -m sftflow train --config flows/configs/llama3_2_1b_qlora.yaml
-model.name=MODEL train.max_steps=STEPS --json` --runs times in a row (the first pays what later runs of the
-machine find cached). For each run:
+model.name=MODEL train.max_steps=STEPS --json` once per entry of --steps, in a row: the first pays what later runs
+of the machine find ready (the warm worker the first one started, the tokenized rows, Triton's and Inductor's
+caches). For each run:
 
 - `first_step_s`: from launching the command to the end of the first optimizer step (the worker's
-  `startup.first_step_at`, wall clock), and the worker's own phases from its process start (imports, model,
-  data, trainer, first step), and when the worker process started relative to the command (`worker_start_s`:
-  the CLI's imports, Prefect, the run's tokenization);
+  `startup.first_step_at`, wall clock), and the worker's own phases from its process start or its claim
+  (imports, model, data, trainer, first step), whether it ran in a warm worker (`warm`), and when the worker
+  process started or was claimed relative to the command (`worker_start_s`: the CLI's imports, Prefect);
 - `steady_tokens_per_s`: trained tokens/s between the second logged step and the last one (the worker's
   clock), `whole_run_tokens_per_s`: trained tokens over the command's wall time, and their ratio.
 
@@ -76,8 +77,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sftflow-startup-bench"))
     parser.add_argument("--copies", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--steps", default="20,20", help="train.max_steps of each run, comma-separated")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="More config overrides.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -93,19 +93,25 @@ def main() -> None:
     rows = write_drop(args.data, args.copies, args.work / "drop")
     ingest, _, ingest_wall = sftflow(["ingest", str(args.work / "drop")], env, log)
     runs = []
-    for _ in range(args.runs):
+    result = {"bench": "startup_gpu", "rows": rows, "ingest": {"wall_s": round(ingest_wall, 1),
+                                                               "accepted": ingest.get("accepted")},
+              "steps": args.steps, "overrides": args.overrides, "runs": runs}
+    for steps in [int(n) for n in args.steps.split(",")]:
         summary, started, wall = sftflow(["train", "--config", str(CONFIG), f"model.name={model_dir}",
-                                          f"train.max_steps={args.steps}", *args.overrides], env, log)
+                                          f"train.max_steps={steps}", *args.overrides], env, log)
         run_dir = home / "runs" / summary["run_id"]
         events = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines() if line.strip()]
         measured = rates(events)
         startup = measured["end"].get("startup", {})
         whole = summary["trained_tokens"] / wall
         runs.append({
-            "run_id": summary["run_id"], "command_wall_s": round(wall, 1),
+            "run_id": summary["run_id"], "command_wall_s": round(wall, 1), "warm": startup.get("warm"),
             "first_step_s": round(startup["first_step_at"] - started, 2) if "first_step_at" in startup else None,
             "worker_start_s": (round(startup["first_step_at"] - startup["first_step_s"] - started, 2)
                                if "first_step_at" in startup else None),
+            # the train task wrote worker.go: the rows tokenized (or reused) and gated, seconds from the command
+            "rows_ready_s": round((run_dir / "worker.go").stat().st_mtime - started, 2)
+            if (run_dir / "worker.go").exists() else None,
             "worker_phases_s": {k: v for k, v in startup.items() if k != "first_step_at"},
             "train_runtime_s": measured["end"]["train_runtime"], "global_step": measured["end"]["global_step"],
             "trained_tokens": summary["trained_tokens"], "steady_tokens_per_s": measured.get("steady_tokens_per_s"),
@@ -116,11 +122,9 @@ def main() -> None:
             "loss_first_last": [summary.get("loss_first"), summary.get("loss_last")],
         })
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+        (args.out / "startup_gpu.json").write_text(json.dumps(result) + "\n")  # what a cut-off call still returns
     subprocess.run([sys.executable, "-m", "sftflow", "down"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)  # the workspace's local Prefect API, if the commands started one
-    result = {"bench": "startup_gpu", "rows": rows, "ingest": {"wall_s": round(ingest_wall, 1),
-                                                               "accepted": ingest.get("accepted")},
-              "steps": args.steps, "overrides": args.overrides, "runs": runs}
+                   stderr=subprocess.DEVNULL)  # the workspace's local Prefect API and warm worker
     line = json.dumps(result)
     print(line)
     (args.out / "startup_gpu.json").write_text(line + "\n")

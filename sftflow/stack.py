@@ -28,7 +28,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from foundation import settings
+from foundation import settings, warm
 from foundation.artifacts import StackProcess, StackState
 from foundation.errors import SftflowError
 from foundation.workspace import Workspace
@@ -273,6 +273,8 @@ def restart_stopped(workspace: Workspace, state: StackState, log=print) -> dict:
 
 def status(workspace: Workspace) -> dict:
     state = read_state(workspace)
+    waiting = warm.workers(workspace.root)
+    warm_view = {"warm_workers": waiting} if waiting else {}
     if not state:
         result = {"running": False, "message": f"no stack was started from {workspace.root} (sftflow up starts one)"}
         if local := local_api.running(workspace):
@@ -280,14 +282,17 @@ def status(workspace: Workspace) -> dict:
                                      "idle_seconds": local.idle_seconds, "log": local.log}} | _server_view(local.api_url)
             result["message"] += (f"\nlocal Prefect API (commands share it): dashboard {local.dashboard_url}  pid "
                                   f"{local.pid}, stops after {local.idle_seconds / 60:g} min without a request")
-        return result
+        for w in waiting:
+            result["message"] += (f"\nwarm worker (the {w['engine']} engine imported, for the next training or "
+                                  f"evaluation): pid {w['pid']}, leaves in {w['idle_left_s']:.0f} s unless claimed")
+        return result | warm_view
     processes = {name: {**proc.dump(), "alive": is_ours(proc, state.stack_id)} for name, proc in state.processes.items()}
     result = {"running": any(p["alive"] for p in processes.values()), "dashboard_url": state.dashboard_url,
               "api_url": state.api_url, "database": state.database, "processes": processes,
               "api_healthy": healthy(state.api_url)}
     if result["api_healthy"]:
         result |= _server_view(state.api_url)
-    return result
+    return result | warm_view
 
 
 def _server_view(api_url: str) -> dict:
@@ -314,8 +319,9 @@ def _server_view(api_url: str) -> dict:
 
 def down(workspace: Workspace, grace_seconds: float = 20.0) -> dict:
     """Stop what `up` started (watcher, workers, then the server), by pid and stack id only, and the
-    workspace's local API."""
+    workspace's local API and its warm workers."""
     stopped = ["local-api"] if local_api.stop(workspace) else []
+    stopped += ["warm-worker"] * warm.stop_all(workspace.root)
     state = read_state(workspace)
     if not state:
         return {"stopped": stopped, "message": f"no stack was started from {workspace.root}"

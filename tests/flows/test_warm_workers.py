@@ -98,6 +98,19 @@ def test_only_an_identical_environment_claims_and_stop_ends_the_worker(warm_on, 
     assert wait_gone(worker["pid"])
 
 
+def test_status_shows_the_waiting_worker_and_down_stops_it(warm_on, job_env):
+    from sftflow import stack
+
+    warm.ensure(warm_on.root, "hf", job_env, warm_on.warm_log, cuda=lambda: False)
+    worker = wait_for_worker(warm_on.root)
+    shown = stack.status(warm_on)
+    assert [w["pid"] for w in shown["warm_workers"]] == [worker["pid"]]
+    assert f"warm worker (the hf engine imported" in shown["message"]
+    assert stack.down(warm_on)["stopped"] == ["warm-worker"]
+    assert wait_gone(worker["pid"])
+    assert "warm_workers" not in stack.status(warm_on)
+
+
 def test_the_job_ends_when_its_claimant_dies(warm_on, job_env, tmp_path):
     root = warm_on.root
     warm.ensure(root, "hf", job_env, warm_on.warm_log, cuda=lambda: False)
