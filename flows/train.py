@@ -19,7 +19,9 @@ from foundation.artifacts import RunSummary
 from schemas.config import RunConfig
 from tasks.tokenize import tokenize_dataset
 from tasks.train import (
+    claim_before_preparing,
     discard_early_worker,
+    new_run_id,
     prepare_run,
     record_run,
     start_worker_early,
@@ -31,15 +33,17 @@ from tasks.train import (
 @flow(name="train_adapter")
 def train_adapter(config: RunConfig, dataset_version: str | None = None, run_id: str | None = None) -> RunSummary:
     """Tokenize with gates, train (resumable), record the run; returns the run summary."""
-    run = prepare_run(config, dataset_version, run_id)
-    # the training process imports its libraries (or a warm worker that did is claimed) and loads the model
-    # while the rows are tokenized and gated; it trains once train_model says the gates passed, and ends here
-    # if they refuse the run
-    start_worker_early(run.run_id, run.model_path, run.engine, config)
+    run_id = run_id or new_run_id(config)
+    # the training process imports its libraries (or a warm worker that did is claimed, before the run is
+    # prepared when it can be) and loads the model while the rows are tokenized and gated; it trains once
+    # train_model says the gates passed, and ends here if they refuse the run
+    claim_before_preparing(run_id, config)
     try:
+        run = prepare_run(config, dataset_version, run_id)
+        start_worker_early(run.run_id, run.model_path, run.engine, config)
         tokenized = tokenize_dataset(run.dataset_version, run.model_path, config, run.run_id)
         end = train_model(run.run_id, run.model_path, config, run.engine)
     finally:
-        discard_early_worker(run.run_id)
+        discard_early_worker(run_id)
     record_run(run, config, tokenized, end)
     return summarise_run(run.run_id)

@@ -49,9 +49,11 @@ CLAIM_TIMEOUT_SECONDS = 300.0  # the longest a claim waits for a worker still im
 MESSAGE_LIMIT = 1 << 20
 NAME_PREFIX = "sftflow-warm-"
 # Variables that differ between commands (or flow runs) of one machine without changing what a process
-# imports or how: left out of a worker's address, still handed to the job.
+# imports or how: left out of a worker's address, still handed to the job. TORCHINDUCTOR_CACHE_DIR: torch
+# writes its default into the environment of a process the first time Inductor looks for its cache (a flow
+# process after its first training), and reads it when it compiles, in the job.
 VOLATILE_PREFIXES = ("PREFECT_", "SFTFLOW_WARM_", "OLDPWD", "PWD", "SHLVL", "_", "TERM", "COLUMNS", "LINES",
-                     "SSH_", "XDG_SESSION", "LS_COLORS")
+                     "SSH_", "XDG_SESSION", "LS_COLORS", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def idle_seconds(cuda: Callable[[], bool]) -> float:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from importlib import metadata
 
 import yaml
@@ -51,7 +52,7 @@ from foundation.settings import settings
 from foundation.stores.runs import RunDir
 from foundation.workspace import Workspace
 from schemas.config import RunConfig, TrainConfig, config_hash
-from tasks.base_model import resolve_model
+from tasks.base_model import TINY_NAME, resolve_model
 from tasks.engines import data_parallel_problem, pick_engine
 from tasks.preflight import ResourceError, check_training_fits
 from tasks.trackers import check_trackers_installed
@@ -349,20 +350,50 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def claim_before_preparing(run_id: str, config: RunConfig) -> None:
+    """Before the run is prepared (its engine picked, which imports torch, and its model resolved: ~5 s on the
+    GPU machine), hand the training to a warm worker when one waits for the engine the run will most likely
+    get (the configured one; unsloth for auto) and the model is a local directory: it loads the model meanwhile.
+    start_worker_early keeps it only if the prepared run got that engine and model, on one GPU, and passes the
+    resource gates; otherwise it is ended there. Hub ids and the tiny model are resolved by prepare_run alone."""
+    engine = "unsloth" if config.train.engine == "auto" else config.train.engine
+    path = Path(config.model.name).expanduser()
+    if config.train.num_gpus not in (1, "auto") or config.model.name == TINY_NAME or not path.is_dir():
+        return
+    workspace = Workspace.from_env().ensure()
+    if warm.address(workspace.root, engine, processes.child_env()) not in warm.listening():
+        return
+    run = workspace.runs.create(run_id)
+    run.worker_go.unlink(missing_ok=True)  # an earlier attempt's: the process would train on stale rows at once
+    write_worker_spec(run, str(path.resolve()), engine, config)
+    command = worker_command(run.worker_spec, 1, early_engine=engine)
+    if proc := warm.claim(workspace.root, engine, command[2], command[3:], run.worker_log, processes.child_env(),
+                          pipe_stdout=True):
+        _STARTED_EARLY[run_id] = proc
+        warm.ensure(workspace.root, engine, processes.child_env(), workspace.warm_log, cuda=_cuda_available)
+
+
 def start_worker_early(run_id: str, model_path: str, engine: str, config: RunConfig) -> None:
     """Start the run's training process now, on one GPU (torchrun starts its ranks itself): it imports the
     engine's libraries and loads the model from worker_spec.json, written here, and trains once train_model
     writes worker.go (the gates passed). `discard_early_worker` ends it when the run stops first.
 
-    A run the resource gates would refuse starts nothing here: train_model refuses it in its turn."""
+    A process claimed before the run was prepared (claim_before_preparing) is kept when it fits the run. A run
+    the resource gates would refuse starts nothing here: train_model refuses it in its turn."""
     ranks = training_ranks(config.train)
-    if ranks != 1:
-        return
+    run = Workspace.from_env().runs.dir(run_id)
     try:
         check_can_train(model_path, config, engine, ranks, lambda *args: None)
     except SftflowError:
+        discard_early_worker(run_id)
         return
-    run = Workspace.from_env().runs.dir(run_id)
+    if claimed := _STARTED_EARLY.get(run_id):
+        spec = WorkerSpec.read(run.worker_spec)
+        if ranks == 1 and claimed.args[-1] == engine and spec.model_path == model_path and claimed.poll() is None:
+            return
+        discard_early_worker(run_id)
+    if ranks != 1:
+        return
     run.worker_go.unlink(missing_ok=True)  # an earlier attempt's: the process would train on stale rows at once
     write_worker_spec(run, model_path, engine, config)
     _STARTED_EARLY[run_id] = start_training_process(run, 1, processes.child_env(), engine, early=True)

@@ -153,11 +153,12 @@ def dataset(workspace, tiny_model):
     return ingest_drop(paths=[str(SAMPLE_DROPS / "arithmetic")], drop_id="sample-arithmetic").dataset_version
 
 
-def test_the_next_training_and_its_evaluation_run_in_warm_workers_and_train_alike(warm_on, dataset):
+def test_the_next_training_and_its_evaluation_run_in_warm_workers_and_train_alike(warm_on, dataset, tiny_model):
     from flows.evaluate import evaluate_adapter
 
     root = warm_on.root
-    config = load_run_config(CONFIG, ["train.max_steps=3", "train.save_steps=3", "eval.sample_size=4"])
+    config = load_run_config(CONFIG, ["train.max_steps=3", "train.save_steps=3", "eval.sample_size=4",
+                                      f"model.name={tiny_model}"])  # a local directory: claimed before preparing
     train_adapter(config=config, run_id="cold")
     cold = next(e for e in RunDir(root / "runs" / "cold").events() if e.event == "end")
     assert cold.startup["warm"] is False
@@ -168,6 +169,8 @@ def test_the_next_training_and_its_evaluation_run_in_warm_workers_and_train_alik
     end = next(e for e in run.events() if e.event == "end")
     assert end.startup["warm"] is True and int(run.worker_pid.read_text()) == first["pid"]
     assert end.startup["imports_s"] < cold.startup["imports_s"]  # its clock starts at the claim
+    # claimed before prepare_run wrote the run's config (the model loads while the run is prepared)
+    assert end.startup["first_step_at"] - end.startup["first_step_s"] < run.config_yaml.stat().st_mtime
     # the same config and seed train alike in a fresh process and a warm one
     losses = lambda r: [e.loss for e in r.events() if e.event == "log"]  # noqa: E731
     assert losses(run) == pytest.approx(losses(RunDir(root / "runs" / "cold")), rel=1e-5)
