@@ -105,7 +105,7 @@ def test_status_shows_the_waiting_worker_and_down_stops_it(warm_on, job_env):
     worker = wait_for_worker(warm_on.root)
     shown = stack.status(warm_on)
     assert [w["pid"] for w in shown["warm_workers"]] == [worker["pid"]]
-    assert f"warm worker (the hf engine imported" in shown["message"]
+    assert "warm worker (the hf engine imported" in shown["message"]
     assert stack.down(warm_on)["stopped"] == ["warm-worker"]
     assert wait_gone(worker["pid"])
     assert "warm_workers" not in stack.status(warm_on)
