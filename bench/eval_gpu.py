@@ -90,6 +90,10 @@ def main() -> None:
     parser.add_argument("--plain-prompts", type=int, default=128)
     parser.add_argument("--single-prompts", type=int, default=16)
     parser.add_argument("--engine", default="unsloth")
+    parser.add_argument("--generation-batch-sizes", default="",
+                        help="Comma-separated: also time the evaluator's generation of every prompt at each of these "
+                             "batch sizes, on the same loaded model (answers compared with the first size's).")
+    parser.add_argument("--skip-plain", action="store_true", help="Leave out the plain `generate` baselines.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -128,9 +132,28 @@ def main() -> None:
     eot = end_of_turn_ids(tokenizer)
     user_ids = tokenizer([p[-1]["content"] for p in prompts], add_special_tokens=False).input_ids
     evaluator_tokens = scores.timings["generated_tokens"]
-    batched = plain_generate(model, tokenizer, list(prompts[: args.plain_prompts]), args.new_tokens,
-                             config.eval.batch_size, eot)
-    single = plain_generate(model, tokenizer, list(prompts[: args.single_prompts]), args.new_tokens, 1, eot)
+    sizes = {}
+    for size in [int(n) for n in args.generation_batch_sizes.split(",") if n]:
+        from tasks.processes.evaluator import generate
+
+        torch.cuda.synchronize()
+        t = time.monotonic()
+        replies = generate(model, tokenizer, list(prompts), args.new_tokens, size, eot)
+        torch.cuda.synchronize()
+        seconds = time.monotonic() - t
+        first = sizes.setdefault("answers", replies)
+        tokens = sum(n for _, _, n in replies)
+        sizes[str(size)] = {"seconds": round(seconds, 2), "generated_tokens": tokens,
+                            "generated_tokens_per_s": round(tokens / seconds, 1),
+                            "answers_equal_first_size": sum(a == b for a, b in zip(replies, first)),
+                            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        print(json.dumps({"generation_batch_size": size, **sizes[str(size)]}), file=sys.stderr, flush=True)
+    sizes.pop("answers", None)
+    skip = args.skip_plain
+    batched = None if skip else plain_generate(model, tokenizer, list(prompts[: args.plain_prompts]), args.new_tokens,
+                                               config.eval.batch_size, eot)
+    single = None if skip else plain_generate(model, tokenizer, list(prompts[: args.single_prompts]), args.new_tokens,
+                                              1, eot)
     generate_s = scores.timings["generate_s"]
     result = {
         "bench": "eval_gpu", "shape": args.shape, "engine": args.engine, "gpu": torch.cuda.get_device_name(),
@@ -141,7 +164,7 @@ def main() -> None:
                       "generated_tokens": evaluator_tokens,
                       "generated_tokens_per_s": round(evaluator_tokens / generate_s, 1),
                       "stopped": sum(a.stopped for a in scores.answers), "metrics": scores.metrics},
-        "plain_generate_batched": batched, "plain_generate_single": single,
+        "plain_generate_batched": batched, "plain_generate_single": single, "generation_batch_sizes": sizes,
     }
     line = json.dumps(result)
     print(line)

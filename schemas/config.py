@@ -291,8 +291,8 @@ class EvalConfig(StrictModel):
     max_new_tokens: int = Field(128, gt=0, description="Generation limit; answers cut here count as not stopped.")
     batch_size: int = Field(16, gt=0, description="Rows per batch for loss scoring (whole rows, logits of every token).")
     generation_batch_size: int = Field(
-        64, gt=0, description="Prompts generated together (left-padded, similar lengths together); memory is the "
-        "KV cache of batch x (prompt + max_new_tokens) tokens.")
+        256, gt=0, description="Prompts generated together (left-padded, similar lengths together); memory is the "
+        "KV cache of batch x (prompt + max_new_tokens) tokens; halved while the GPU runs out of memory.")
     primary_metric: PromotableMetric = Field(
         "rouge_l", description="The metric the promotion gate compares (eval_loss: lower is better)."
     )

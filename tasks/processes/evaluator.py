@@ -63,15 +63,29 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     rendered = [render(tokenizer, p, generation_prompt=True) for p in prompts]
     order = by_length([len(ids) for ids in tokenizer(rendered, add_special_tokens=False).input_ids])
     out: dict[int, tuple[str, bool, int]] = {}
-    for start in range(0, len(order), batch_size):
+    start = 0
+    while start < len(order):
         batch = order[start : start + batch_size]
         enc = tokenizer([rendered[i] for i in batch], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(device)
-        with torch.no_grad():
-            generated = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=sorted(eot_ids), temperature=None, top_p=None, top_k=None,
-            )
+        try:
+            with torch.no_grad():
+                generated = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=sorted(eot_ids), temperature=None, top_p=None, top_k=None,
+                )
+        except torch.cuda.OutOfMemoryError:
+            # the KV cache of this batch does not fit beside the model: the same prompts in halves (the
+            # longest batch comes first, so a smaller size found here serves the rest)
+            if batch_size == 1:
+                raise
+            del enc
+            torch.cuda.empty_cache()
+            batch_size //= 2
+            print(f"generation: out of GPU memory with {len(batch)} prompts at once; {batch_size} from now on",
+                  file=sys.stderr, flush=True)
+            continue
+        start += len(batch)
         for index, row in zip(batch, generated[:, enc["input_ids"].shape[1] :].tolist()):
             stop_at = next((i for i, t in enumerate(row) if t in eot_ids), None)
             tokens = row if stop_at is None else row[:stop_at]

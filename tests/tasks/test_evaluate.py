@@ -110,6 +110,31 @@ def test_batched_greedy_generation_equals_one_by_one(tiny_model):
     assert tokenizer.pad_token_id not in eot  # left padding with a distinct pad token
 
 
+def test_generation_halves_its_batch_when_the_gpu_runs_out_of_memory(tiny_model, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.engines.chat_format import end_of_turn_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    prompts = [[{"role": "user", "content": f"What is {n} + {n}?"}] for n in range(7)]
+    eot = end_of_turn_ids(tokenizer)
+    expected = generate(model, tokenizer, prompts, 12, 1, eot)
+    real, sizes = model.generate, []
+
+    def generate_in_2_at_most(**kwargs):  # a GPU whose memory holds the KV cache of 2 prompts at once
+        sizes.append(kwargs["input_ids"].shape[0])
+        if sizes[-1] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(**kwargs)
+
+    model.generate = generate_in_2_at_most
+    assert generate(model, tokenizer, prompts, 12, 8, eot) == expected  # every prompt, in order, the same answers
+    assert sizes == [7, 4, 2, 2, 2, 1]  # 8 -> 4 -> 2, then the rest in twos
+    assert "out of GPU memory with 7 prompts at once; 4 from now on" in capsys.readouterr().err
+
+
 def test_rouge_l_scores_chinese_and_japanese_answers():
     assert rouge_l("今天天气很好", "今天天气很好") == 1.0  # rouge_score's own tokenizer scores this 0
     assert rouge_l("東京は日本の首都です", "東京は日本の首都です") == 1.0
