@@ -24,7 +24,8 @@ claimant's end of the socket is the leash: when the claimant dies, the worker ex
 with `processes.start` dies with its parent). A worker still importing when it is claimed answers once
 its imports are done, which is still sooner than a new process would. A claim that no worker answers
 (none running, another command claimed it first, its imports failed) returns None and the caller starts
-a process as before.
+a process as before. Both ends check that the other runs as the same user (`same_user`, SO_PEERCRED): an
+abstract socket has no file permissions.
 
 Standard library and foundation only: the claimant side runs in flow processes that never import torch.
 """
@@ -37,6 +38,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -73,6 +75,17 @@ def address(workspace_root: Path, engine: str, env: dict[str, str]) -> str:
     """The abstract socket name of the warm worker that can run a job for `engine` with `env`."""
     key = json.dumps([str(workspace_root), engine, sys.executable, _stable_env(env)])
     return "\0" + NAME_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def same_user(conn: socket.socket) -> bool:
+    """Whether the process at the other end of a Unix socket runs as this process's user. An abstract socket
+    has no file permissions: any local user can connect to a worker's name, or take it first. A job hands over
+    its environment (tokens included) and runs code: both ends check who the other is."""
+    try:
+        _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return False
+    return uid == os.getuid()
 
 
 def listening(prefix: str = NAME_PREFIX) -> list[str]:
@@ -141,6 +154,9 @@ def claim(workspace_root: Path, engine: str, module: str, args: list[str], log: 
     except OSError:  # none listening (or its backlog is full): start a process
         conn.close()
         return None
+    if not same_user(conn):  # another user's process holds the name: it gets nothing
+        conn.close()
+        return None
     read_end, write_end = os.pipe() if pipe_stdout else (None, None)
     try:
         with open(log, "a") as log_file:
@@ -187,6 +203,8 @@ def ask(name: str, request: dict) -> dict | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(name)
+        if not same_user(conn):
+            return None
         conn.send(json.dumps(request).encode())
         ready, _, _ = select.select([conn], [], [], 5.0)
         reply = conn.recv(MESSAGE_LIMIT) if ready else b""

@@ -58,6 +58,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from foundation import processes
 from foundation.artifacts import Tokenized, TokenizedSplit
 from foundation.atomic import exclusive_lock, remove_stale_tmp, sha256_of, staged_dir, tmp_sibling
 from foundation.errors import SftflowError, WorkspaceError
@@ -332,26 +333,18 @@ def tokenize_table(tokenizer, rows: pa.Table, max_length: int) -> tuple[pa.Table
     """Tokenize canonical rows (on every core for large tables: forked processes, rows in order); returns the
     tokenized table, the examples and gate counts."""
     global _forked
-    import gc
-    import multiprocessing as mp
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
     eot_id = tokenizer.convert_tokens_to_ids(chat_format(tokenizer).end_of_turn)
     eot_ids = end_of_turn_ids(tokenizer)
     pylist = rows.to_pylist()
     workers = min(os.cpu_count() or 1, len(pylist) // ROWS_PER_PROCESS)
-    if workers < 2 or "fork" not in mp.get_all_start_methods():
+    if workers < 2:
         found = _tokenize_rows(tokenizer, pylist, max_length, eot_id)
     else:
         bounds = [len(pylist) * i // workers for i in range(workers + 1)]
-        _forked = (tokenizer, pylist, max_length, eot_id)
-        gc.freeze()  # keep the children's collector off the parent's pages (copy-on-write)
+        _forked = (tokenizer, pylist, max_length, eot_id)  # what the forked processes read
         try:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                parts = list(pool.map(_tokenize_slice, bounds[:-1], bounds[1:]))
+            parts = processes.fork_map(_tokenize_slice, bounds[:-1], bounds[1:], workers=workers)
         finally:
-            gc.unfreeze()
             _forked = None
         found = _Tokenized()
         for part in parts:

@@ -7,11 +7,9 @@ their raw text) and the rows that could not be normalised, with their reasons.
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from foundation import staging
+from foundation import processes, staging
 from schemas.config import IngestConfig
 from schemas.tables import QUARANTINE_SCHEMA, STAGED_SCHEMA
 from tasks.ingest.descriptor import Descriptor, file_format, record_mapper
@@ -156,17 +154,9 @@ def stage_file(index: int, url: str, drop_id: str, config: IngestConfig, staging
 
 
 def _parallel_map(fn, *args_lists) -> list:
-    """Run fn over files on every core. Fork, not spawn: a spawned worker would spend seconds
-    re-importing Prefect; the forked ones only read files and write their own staging tables."""
-    workers = min(len(args_lists[0]), os.cpu_count() or 1)
-    if workers < 2 or "fork" not in mp.get_all_start_methods():
-        return list(map(fn, *args_lists))
-    gc.freeze()  # keep the children's collector off the parent's pages (copy-on-write)
-    try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            return list(pool.map(fn, *args_lists))
-    finally:
-        gc.unfreeze()
+    """Run fn over files on every core (forked processes: they only read files and write their own staging
+    tables)."""
+    return processes.fork_map(fn, *args_lists, workers=min(len(args_lists[0]), os.cpu_count() or 1))
 
 
 @task(cache_policy=NO_CACHE)

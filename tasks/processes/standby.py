@@ -14,7 +14,8 @@ request at a time:
   and fds 1 and 2; then sends `{"exit": status}` and exits with it. When the claimant's end of the
   socket closes first (the claimant died), the job is ended at once (exit status 3).
 
-With no request for `--idle-seconds` it exits.
+A connection from another user's process is closed unanswered (foundation.warm.same_user). With no request
+for `--idle-seconds` it exits.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 import traceback
 
 from foundation import processes
-from foundation.warm import MESSAGE_LIMIT
+from foundation.warm import MESSAGE_LIMIT, same_user
 
 
 def detach() -> None:
@@ -118,6 +119,9 @@ def serve(listener: socket.socket, engine: str, workspace: str, idle_seconds: fl
             conn, _ = listener.accept()
         except TimeoutError:
             return
+        if not same_user(conn):  # another user's process: no job, no answer
+            conn.close()
+            continue
         conn.settimeout(5.0)
         try:
             message, fds, _, _ = socket.recv_fds(conn, MESSAGE_LIMIT, 2)

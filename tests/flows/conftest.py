@@ -13,6 +13,27 @@ def prefect_api(tmp_path_factory):
         yield
 
 
+@pytest.fixture
+def arithmetic_dataset(workspace, tiny_model) -> str:
+    """The sample arithmetic drop ingested into the test's workspace: the dataset version's name."""
+    from flows.ingest import ingest_drop
+    from tests.conftest import SAMPLE_DROPS
+
+    return ingest_drop(paths=[str(SAMPLE_DROPS / "arithmetic")], drop_id="sample-arithmetic").dataset_version
+
+
+@pytest.fixture
+def two_drop_dataset(workspace, tiny_model) -> str:
+    """The sample arithmetic and unit-conversion drops ingested one after the other: the second (current)
+    dataset version's name."""
+    from flows.ingest import ingest_drop
+    from tests.conftest import SAMPLE_DROPS
+
+    for name in ("arithmetic", "unit-conversions"):
+        report = ingest_drop(paths=[str(SAMPLE_DROPS / name)], drop_id=f"sample-{name}")
+    return report.dataset_version
+
+
 def train_until_checkpoint(config, run_dir, step: int, timeout: float = 300):
     """Start `train_adapter` (run id = run_dir's name) in a thread and return once it has saved a
     checkpoint at `step` or later: (the thread, the dict its summary lands in, as "summary")."""

@@ -13,23 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows.ingest import ingest_drop
 from flows.train import train_adapter
 from schemas.config import load_run_config
 from foundation.stores.runs import RunDir
-from tests.conftest import ROOT, SAMPLE_DROPS
+from tests.conftest import ROOT
 from tests.flows.conftest import train_until_checkpoint
 
 CONFIG = ROOT / "flows" / "configs" / "tiny_cpu.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def dataset(workspace, tiny_model):
-    for name in ("arithmetic", "unit-conversions"):
-        report = ingest_drop(paths=[str(SAMPLE_DROPS / name)], drop_id=f"sample-{name}")
-    return report.dataset_version
 
 
 def tensorboard_scalars(run_dir) -> dict[str, list]:
@@ -44,13 +36,13 @@ def tensorboard_scalars(run_dir) -> dict[str, list]:
     return scalars
 
 
-def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
+def test_training_changes_the_adapter_and_lowers_the_loss(workspace, two_drop_dataset):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     config = load_run_config(CONFIG, ["train.max_steps=40", "train.save_steps=20", "train.logging_steps=2"])
     summary = train_adapter(config=config)
-    assert summary.engine == "hf" and summary.dataset_version == dataset and summary.global_step == 40
+    assert summary.engine == "hf" and summary.dataset_version == two_drop_dataset and summary.global_step == 40
     assert summary.loss_last < 0.8 * summary.loss_first
     assert summary.trained_tokens > 0 and summary.tokens_per_s > 0
 
@@ -74,14 +66,14 @@ def test_training_changes_the_adapter_and_lowers_the_loss(workspace, dataset):
     assert "<|start_header_id|>" in saved.chat_template
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["config_hash"] == summary.config_hash and manifest["dataset_version"] == dataset
+    assert manifest["config_hash"] == summary.config_hash and manifest["dataset_version"] == two_drop_dataset
     assert manifest["seed"] == 42 and manifest["libraries"]["trl"] == "1.15.0"
     assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
     # `tensorboard --logdir` reads the run: its own reader finds a train loss at every logged step
     assert [e.step for e in tensorboard_scalars(run_dir)["train/loss"]] == list(range(2, 41, 2))
 
 
-def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, dataset):
+def test_a_killed_worker_is_resumed_to_the_same_step_count(workspace, two_drop_dataset):
     config = load_run_config(CONFIG, ["train.max_steps=36", "train.save_steps=6", "train.logging_steps=2"])
     run_dir = workspace.runs_dir / "killed"
     runner, result = train_until_checkpoint(config, run_dir, 12)
@@ -105,7 +97,7 @@ def _loss_curves(run_id: str) -> list:
     return sorted((a for a in versions if f"`{run_id}`" in a.data), key=lambda a: a.created)
 
 
-def test_the_loss_curve_artifact_grows_while_the_run_trains(workspace, dataset):
+def test_the_loss_curve_artifact_grows_while_the_run_trains(workspace, two_drop_dataset):
     import re
     import threading
 
@@ -136,7 +128,7 @@ def test_the_loss_curve_artifact_grows_while_the_run_trains(workspace, dataset):
     assert all(f"sftflow runs show {run_id}" in a.data for a in versions)
 
 
-def test_cli_train_json(workspace, dataset, tmp_path):
+def test_cli_train_json(workspace, two_drop_dataset, tmp_path):
     env = {**os.environ, "SFTFLOW_HOME": str(workspace.root), "PREFECT_HOME": str(tmp_path / "cli-prefect"),
            "SFTFLOW_PROGRESS": "0"}
     env.pop("PREFECT_API_URL", None)
@@ -149,7 +141,7 @@ def test_cli_train_json(workspace, dataset, tmp_path):
     summary = json.loads(done.stdout)
     assert set(summary) >= {"run_id", "adapter_dir", "engine", "loss_first", "loss_last", "trained_tokens",
                             "tokens_per_s", "peak_mem_gib", "dataset_version", "config_hash"}
-    assert summary["dataset_version"] == dataset and summary["global_step"] == 6
+    assert summary["dataset_version"] == two_drop_dataset and summary["global_step"] == 6
 
 
 def test_cli_config_errors_name_every_field(tmp_path):
@@ -162,7 +154,7 @@ def test_cli_config_errors_name_every_field(tmp_path):
         assert field in done.stderr
 
 
-def test_evaluation_scores_base_and_candidate_and_decides(workspace, dataset):
+def test_evaluation_scores_base_and_candidate_and_decides(workspace, two_drop_dataset):
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -204,7 +196,7 @@ def test_evaluation_scores_base_and_candidate_and_decides(workspace, dataset):
         (a["prompt"], a["reference"], a["prediction"]) for a in answers["base"]]
 
 
-def test_train_loss_and_eval_metrics_land_in_the_same_mlflow_run_and_tensorboard_logdir(workspace, dataset, tmp_path,
+def test_train_loss_and_eval_metrics_land_in_the_same_mlflow_run_and_tensorboard_logdir(workspace, two_drop_dataset, tmp_path,
                                                                                      monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow is optional: pip install mlflow-skinny")
     from mlflow.tracking import MlflowClient
@@ -237,7 +229,7 @@ def test_train_loss_and_eval_metrics_land_in_the_same_mlflow_run_and_tensorboard
     assert candidate_loss.step == 12 and candidate_loss.value == pytest.approx(result.scores["candidate"]["eval_loss"])
 
 
-def test_a_tracker_that_is_not_installed_fails_before_training_with_the_pip_command(workspace, dataset, monkeypatch):
+def test_a_tracker_that_is_not_installed_fails_before_training_with_the_pip_command(workspace, two_drop_dataset, monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
@@ -248,7 +240,7 @@ def test_a_tracker_that_is_not_installed_fails_before_training_with_the_pip_comm
     assert not any(e.event == "begin" for d in workspace.runs_dir.iterdir() for e in RunDir(d).events())
 
 
-def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promotion(workspace, dataset, monkeypatch):
+def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promotion(workspace, two_drop_dataset, monkeypatch):
     from flows.evaluate import evaluate_adapter
     from flows.publish import publish_model
     from tasks import publish as publish_task
@@ -263,7 +255,7 @@ def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promot
     root = workspace.registry_dir / config.name
     assert verify_version(root / "v0001") == []
     card = (root / "v0001" / "README.md").read_text()
-    assert dataset in card and "eval_loss" in card and "sample-arithmetic" in card
+    assert two_drop_dataset in card and "eval_loss" in card and "sample-arithmetic" in card
 
     # a run no better than the champion is not promoted
     second = train_adapter(config=config)  # same config and data: no margin over the champion
@@ -293,7 +285,7 @@ def test_publish_writes_a_verified_version_and_moves_the_champion_only_on_promot
     assert verify_version(root / "v0002") == ["eval.json"]
 
 
-def test_bad_input_in_the_worker_fails_once_with_its_message(workspace, dataset):
+def test_bad_input_in_the_worker_fails_once_with_its_message(workspace, two_drop_dataset):
     from tasks.train import TrainingError
 
     config = load_run_config(CONFIG, ["model.load_in_4bit=true", "model.dtype=bfloat16", "train.max_steps=2"])
@@ -303,7 +295,7 @@ def test_bad_input_in_the_worker_fails_once_with_its_message(workspace, dataset)
     assert len(begins) == 1  # not retried
 
 
-def test_export_gguf_parity_control_and_publish_with_gguf(workspace, dataset):
+def test_export_gguf_parity_control_and_publish_with_gguf(workspace, two_drop_dataset):
     import llama_cpp
 
     from flows.evaluate import evaluate_adapter

@@ -15,14 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows.ingest import ingest_drop
 from flows.train import train_adapter
 from schemas.config import load_run_config
 from foundation.errors import ConfigError
 from tasks.preflight import ResourceError
 from foundation.stores.runs import RunDir
 from tasks.train import training_ranks, worker_command
-from tests.conftest import ROOT, SAMPLE_DROPS
+from tests.conftest import ROOT
 from tests.flows.conftest import train_until_checkpoint
 
 CONFIG = ROOT / "flows" / "configs" / "tiny_cpu.yaml"
@@ -68,19 +67,13 @@ def test_an_engine_that_cannot_run_ranks_is_refused_or_replaced(monkeypatch):
 # ------------------------------------------------------------------------------- a real DDP run
 
 
-@pytest.fixture
-def dataset(workspace, tiny_model):
-    report = ingest_drop(paths=[str(SAMPLE_DROPS / "arithmetic")], drop_id="sample-arithmetic")
-    return report.dataset_version
-
-
 def _steps(events: list) -> dict[int, float]:
     return {e.step: e.loss for e in events if e.event == "log"}
 
 
 @pytest.mark.slow
 @no_cuda
-def test_two_ranks_train_what_one_rank_trains_with_the_same_global_batch(workspace, dataset, monkeypatch):
+def test_two_ranks_train_what_one_rank_trains_with_the_same_global_batch(workspace, arithmetic_dataset, monkeypatch):
     overrides = ["train.max_steps=8", "train.save_steps=4", "train.logging_steps=1", "train.batch_size=4",
                  "train.warmup_steps=0", "train.report_to=[]"]
     one = train_adapter(config=load_run_config(CONFIG, overrides + ["train.gradient_accumulation_steps=2"]),
@@ -132,7 +125,7 @@ def test_two_ranks_train_what_one_rank_trains_with_the_same_global_batch(workspa
 
 @pytest.mark.slow
 @no_cuda
-def test_a_killed_rank_is_resumed_on_two_ranks(workspace, dataset, monkeypatch):
+def test_a_killed_rank_is_resumed_on_two_ranks(workspace, arithmetic_dataset, monkeypatch):
     monkeypatch.setenv("SFTFLOW_CPU_RANKS", "2")
     config = load_run_config(CONFIG, ["train.max_steps=24", "train.save_steps=4", "train.logging_steps=2",
                                       "train.batch_size=4", "train.report_to=[]"])

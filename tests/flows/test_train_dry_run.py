@@ -16,10 +16,9 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from flows.ingest import ingest_drop
 from flows.train import train_adapter
 from schemas.config import load_run_config
-from tests.conftest import ROOT, SAMPLE_DROPS
+from tests.conftest import ROOT
 
 CONFIG = ROOT / "flows" / "configs" / "tiny_cpu.yaml"
 
@@ -27,10 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def dataset(workspace, tiny_model):
-    for name in ("arithmetic", "unit-conversions"):
-        report = ingest_drop(paths=[str(SAMPLE_DROPS / name)], drop_id=f"sample-{name}")
-    return workspace.datasets.find(report.dataset_version)
+def dataset(workspace, two_drop_dataset):
+    return workspace.datasets.find(two_drop_dataset)
 
 
 @pytest.fixture

@@ -7,20 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from flows.ingest import ingest_drop
 from flows.train import train_adapter
 from foundation.stores.runs import RunDir
 from schemas.config import load_run_config
-from tests.conftest import ROOT, SAMPLE_DROPS
+from tests.conftest import ROOT
 
 CONFIG = ROOT / "flows" / "configs" / "tiny_cpu.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def dataset(workspace, tiny_model):
-    return ingest_drop(paths=[str(SAMPLE_DROPS / "arithmetic")], drop_id="sample-arithmetic").dataset_version
 
 
 def processes_naming(text: str) -> list[int]:
@@ -37,7 +31,7 @@ def processes_naming(text: str) -> list[int]:
     return found
 
 
-def test_the_training_process_starts_before_the_gates_and_trains_after_them(workspace, dataset):
+def test_the_training_process_starts_before_the_gates_and_trains_after_them(workspace, arithmetic_dataset):
     config = load_run_config(CONFIG, ["train.max_steps=2", "train.save_steps=2"])
     summary = train_adapter(config=config, run_id="early")
     run = RunDir(workspace.runs_dir / "early")
@@ -50,7 +44,7 @@ def test_the_training_process_starts_before_the_gates_and_trains_after_them(work
     assert not processes_naming(str(run.root))
 
 
-def test_a_run_the_gates_refuse_ends_its_early_process(workspace, dataset):
+def test_a_run_the_gates_refuse_ends_its_early_process(workspace, arithmetic_dataset):
     from tasks.tokenize import GateError
 
     config = load_run_config(CONFIG, ["train.max_steps=2", "train.max_seq_length=16"])

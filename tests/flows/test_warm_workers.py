@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.ingest import ingest_drop
 from flows.train import train_adapter
 from foundation import processes, warm
 from foundation.stores.runs import RunDir
 from schemas.config import load_run_config
-from tests.conftest import ROOT, SAMPLE_DROPS, pid_alive
+from tests.conftest import ROOT, pid_alive
 
 CONFIG = ROOT / "flows" / "configs" / "tiny_cpu.yaml"
 
@@ -111,6 +110,39 @@ def test_status_shows_the_waiting_worker_and_down_stops_it(warm_on, job_env):
     assert "warm_workers" not in stack.status(warm_on)
 
 
+def test_another_users_worker_gets_no_job_and_another_users_claim_no_answer(warm_on, job_env, tmp_path, monkeypatch):
+    import os
+    import socket
+    import threading
+
+    from tasks.processes import standby
+
+    root = warm_on.root
+    warm.ensure(root, "hf", job_env, warm_on.warm_log, cuda=lambda: False)
+    worker = wait_for_worker(root)
+    real_uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)  # this process now looks like someone else to itself
+    # the claimant side: the worker at the name runs as "another user": no job is handed to it
+    assert warm.claim(root, "hf", "warmjob", ["run", "0"], tmp_path / "job.log", job_env) is None
+    assert warm.workers(root) == []
+    monkeypatch.undo()
+    assert pid_alive(worker["pid"]) and [w["pid"] for w in warm.workers(root)] == [worker["pid"]]
+    # the worker side (serve() in a thread): a connection it finds from another user gets no answer, and a
+    # stop from it is not obeyed
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind("\0sftflow-warm-test-" + os.urandom(4).hex())
+    listener.listen(8)
+    judged = []
+    monkeypatch.setattr(standby, "same_user", lambda conn: judged.append(warm.same_user(conn)) or False)
+    served = threading.Thread(target=standby.serve, args=(listener, "hf", str(root), 3.0), daemon=True)
+    served.start()
+    assert warm.ask(listener.getsockname(), {"stop": str(root)}) is None
+    assert judged == [True]  # it was our own process, judged foreign here: refused all the same
+    assert served.is_alive()  # the stop was not obeyed
+    served.join(10)
+    assert not served.is_alive()  # it left at its idle time, not at the stop
+
+
 def test_the_job_ends_when_its_claimant_dies(warm_on, job_env, tmp_path):
     root = warm_on.root
     warm.ensure(root, "hf", job_env, warm_on.warm_log, cuda=lambda: False)
@@ -148,12 +180,8 @@ def test_off_by_default_without_a_gpu(workspace, job_env, monkeypatch):
     assert not workspace.warm_log.exists()
 
 
-@pytest.fixture
-def dataset(workspace, tiny_model):
-    return ingest_drop(paths=[str(SAMPLE_DROPS / "arithmetic")], drop_id="sample-arithmetic").dataset_version
-
-
-def test_the_next_training_and_its_evaluation_run_in_warm_workers_and_train_alike(warm_on, dataset, tiny_model):
+def test_the_next_training_and_its_evaluation_run_in_warm_workers_and_train_alike(warm_on, arithmetic_dataset,
+                                                                                   tiny_model):
     from flows.evaluate import evaluate_adapter
 
     root = warm_on.root
