@@ -8,9 +8,10 @@ that needs that engine (the evaluation after a training, the next `sftflow train
 instead of starting a process (`claim`), and starts the next warm worker.
 
 A warm worker (`python -m tasks.processes.standby`, detached: its own session, its parent init) listens
-on an abstract Unix socket whose name is derived from the workspace, the engine, the interpreter and the
-environment (`address`), so a command only ever claims a worker that imported under the environment the
-job would have had (the same CUDA_VISIBLE_DEVICES, HF_* and UNSLOTH_* variables, the same PYTHONPATH);
+on an abstract Unix socket whose name is derived from the workspace, the engine, the interpreter, the
+environment and the code (`address`), so a command only ever claims a worker that imported under the
+environment the job would have had (the same CUDA_VISIBLE_DEVICES, HF_* and UNSLOTH_* variables, the same
+PYTHONPATH) and the same project files and library versions (`code_fingerprint`);
 variables that differ between flow runs without changing any import (PREFECT_*, the shell's PWD, ...)
 are left out of the name. It serves one job and exits; one that nobody claims exits after
 $SFTFLOW_WARM_WORKER_IDLE_S seconds (unset: 600 on a machine with a CUDA GPU, 0 elsewhere; 0: none are
@@ -42,6 +43,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 from foundation import settings as settings_module
@@ -71,9 +73,33 @@ def _stable_env(env: dict[str, str]) -> list[tuple[str, str]]:
     return sorted((k, v) for k, v in env.items() if not k.startswith(VOLATILE_PREFIXES))
 
 
+# The project's packages a job imports, and the libraries a warm worker imports ahead: a worker that imported
+# other versions of them (a checkout changed, a library upgraded, while it waited) must not run the job.
+PACKAGES = ("foundation", "schemas", "tasks", "flows", "sftflow")
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "unsloth",
+             "unsloth_zoo")
+
+
+def code_fingerprint(root: Path = settings_module.PROJECT_DIR) -> list:
+    """Every .py file of the project's packages under `root` (path, mtime, size) and the libraries' versions:
+    what a warm worker imported must be what the job would import (a few ms to read)."""
+    files = []
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            stat = path.stat()
+            files.append((path.relative_to(root).as_posix(), stat.st_mtime_ns, stat.st_size))
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return [files, versions]
+
+
 def address(workspace_root: Path, engine: str, env: dict[str, str]) -> str:
-    """The abstract socket name of the warm worker that can run a job for `engine` with `env`."""
-    key = json.dumps([str(workspace_root), engine, sys.executable, _stable_env(env)])
+    """The abstract socket name of the warm worker that can run a job for `engine` with `env` and this code."""
+    key = json.dumps([str(workspace_root), engine, sys.executable, _stable_env(env), code_fingerprint()])
     return "\0" + NAME_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
