@@ -211,13 +211,16 @@ def ensure(workspace_root: Path, engine: str, env: dict[str, str], log: Path, cu
     """Start a warm worker for `engine` and `env` unless they are turned off; one already listening at its
     address makes the new one exit at once (the address is taken), so calling this twice starts one."""
     idle = idle_seconds(cuda)
-    if idle <= 0 or address(workspace_root, engine, env) in listening():
+    if idle <= 0:
+        return
+    name = address(workspace_root, engine, env)
+    if name in listening():
         return
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as out:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "tasks.processes.standby", "--engine", engine, "--workspace",
-             str(workspace_root), "--address", address(workspace_root, engine, env)[1:], "--idle-seconds", str(idle)],
+             str(workspace_root), "--address", name[1:], "--idle-seconds", str(idle)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True,
             cwd=settings_module.PROJECT_DIR,
         )

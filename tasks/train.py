@@ -333,15 +333,23 @@ def start_training_process(run: RunDir, ranks: int, env: dict[str, str], engine:
     """The run's training process: handed to a warm worker of the engine when one is waiting (one rank), else
     started; either way a warm worker is started for the next process of the engine (the evaluation, the next
     run), when warm workers are on (foundation.warm)."""
-    workspace = Workspace.from_env()
     command = worker_command(run.worker_spec, ranks, early_engine=engine if early else None)
-    proc = None
-    if ranks == 1:
-        proc = warm.claim(workspace.root, engine, command[2], command[3:], run.worker_log, env, pipe_stdout=True)
+    proc = _claim_warm(run, engine, command, env) if ranks == 1 else None
     if proc is None:
         proc = processes.start(command, run.worker_log, env, stdout=subprocess.PIPE)
-    warm.ensure(workspace.root, engine, processes.child_env(), workspace.warm_log, cuda=_cuda_available)
+    _ensure_warm(engine)
     return proc
+
+
+def _claim_warm(run: RunDir, engine: str, command: list[str], env: dict[str, str]) -> warm.WarmProcess | None:
+    """`command` (python -m MODULE ARGS) handed to a warm worker of the engine; None when none takes it."""
+    return warm.claim(Workspace.from_env().root, engine, command[2], command[3:], run.worker_log, env,
+                      pipe_stdout=True)
+
+
+def _ensure_warm(engine: str) -> None:
+    workspace = Workspace.from_env()
+    warm.ensure(workspace.root, engine, processes.child_env(), workspace.warm_log, cuda=_cuda_available)
 
 
 def _cuda_available() -> bool:
@@ -366,11 +374,9 @@ def claim_before_preparing(run_id: str, config: RunConfig) -> None:
     run = workspace.runs.create(run_id)
     run.worker_go.unlink(missing_ok=True)  # an earlier attempt's: the process would train on stale rows at once
     write_worker_spec(run, str(path.resolve()), engine, config)
-    command = worker_command(run.worker_spec, 1, early_engine=engine)
-    if proc := warm.claim(workspace.root, engine, command[2], command[3:], run.worker_log, processes.child_env(),
-                          pipe_stdout=True):
+    if proc := _claim_warm(run, engine, worker_command(run.worker_spec, 1, early_engine=engine), processes.child_env()):
         _STARTED_EARLY[run_id] = proc
-        warm.ensure(workspace.root, engine, processes.child_env(), workspace.warm_log, cuda=_cuda_available)
+        _ensure_warm(engine)
 
 
 def start_worker_early(run_id: str, model_path: str, engine: str, config: RunConfig) -> None:
