@@ -2,7 +2,12 @@
 
 Each stage is its own flow, so a pipeline run shows them as subflows:
 
-    ingest_drop (one per drop) -> train_adapter -> evaluate_adapter -> export_model -> publish_model
+    ingest_drop (one per drop) -> train_adapter -> evaluate_adapter -> publish_model
+                                                  -> export_model  ->
+
+The export runs while the evaluation runs (on a thread of this flow, as a task that runs the subflow) when
+both run in this process and the machine holds both (tasks.export.run.export_beside_evaluation); otherwise
+after it.
 
 Training, evaluation and export (the stages that load a model) go to the `gpu` work pool through
 `run_deployment` when a Prefect server is configured (PREFECT_API_URL) and their deployments exist there
@@ -24,8 +29,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.evaluate import evaluate_adapter
 from flows.export import export_model
@@ -47,7 +53,7 @@ from foundation.settings import PROJECT_DIR
 from schemas.config import IngestConfig, RunConfig, config_hash, load_run_config
 from tasks.report import pipeline_commands, pipeline_text
 from tasks.evaluate import evaluation_of
-from tasks.export.run import export_of
+from tasks.export.run import export_beside_evaluation, export_of
 from tasks.gpu_pool import deployment_available, run_on_gpu_pool
 from tasks.train import finished_summary, plan_training, summarise_run
 
@@ -103,6 +109,26 @@ def export_stage(run_id: str) -> ExportReport:
     return export_model(run_id=run_id)
 
 
+@task(cache_policy=NO_CACHE, task_run_name="export beside the evaluation")
+def export_beside(run_id: str) -> ExportReport:
+    return export_model(run_id=run_id)
+
+
+def evaluate_and_export(run_id: str) -> tuple[EvalReport, ExportReport]:
+    """The evaluation and the export of a trained run: side by side when both run in this process and
+    export_beside_evaluation says so, else one after the other. A failed evaluation still lets a running
+    export finish before its error is raised."""
+    if deployment_available("evaluate") or deployment_available("export") \
+            or not export_beside_evaluation(run_id, get_run_logger().info):
+        return evaluate_stage(run_id), export_stage(run_id)
+    exporting = export_beside.submit(run_id)
+    try:
+        evaluation = evaluate_adapter(run_id=run_id)
+    finally:
+        exporting.wait()
+    return evaluation, exporting.result()
+
+
 @flow(name="sft_pipeline")
 def sft_pipeline(
     drops: list[str] | None = None,
@@ -133,9 +159,8 @@ def sft_pipeline(
         return finish(summary)
 
     summary.training = train_stage(run_config, plan.dataset_version, plan.run_id)
-    evaluation = evaluate_stage(plan.run_id)
+    evaluation, exported = evaluate_and_export(plan.run_id)
     summary.evaluation = EvaluationSummary(scores=evaluation.scores, decision=evaluation.decision)
-    exported = export_stage(plan.run_id)
     summary.gguf = GgufSummary(dir=exported.gguf_dir, parity=exported.parity)
     if evaluation.decision.promote:
         summary.published = publish_model(run_id=plan.run_id)

@@ -12,6 +12,7 @@
 | SFTFLOW_STACK_ID | set by `sftflow up` in the environment of what it starts, so `down` stops only those | unset |
 | SFTFLOW_LOCAL_API_IDLE_S | seconds the workspace's local Prefect API waits without a request before it stops; 0: start none (each command runs a temporary one) | 600 |
 | SFTFLOW_WARM_WORKER_IDLE_S | seconds a warm worker (the engine's libraries imported ahead, foundation/warm.py) waits for a job before it exits; 0: start none | 600 with a CUDA GPU, else 0 |
+| SFTFLOW_EXPORT_BESIDE_EVAL | `sftflow pipeline`: run the export while the evaluation runs (both in this process's machine); auto: when a CUDA GPU's free memory holds both (tasks/preflight.py), 1: always, 0: never | auto |
 | SFTFLOW_LOCAL_API_ID | set in the local Prefect API's environment, so a command adopts or stops only its own | unset |
 | SFTFLOW_CPU_RANKS | tests only, on a machine without CUDA: train with N data-parallel gloo ranks on the CPU | unset |
 
@@ -38,6 +39,7 @@ STACK_ID = "SFTFLOW_STACK_ID"
 LOCAL_API_IDLE = "SFTFLOW_LOCAL_API_IDLE_S"
 LOCAL_API_ID = "SFTFLOW_LOCAL_API_ID"
 WARM_WORKER_IDLE = "SFTFLOW_WARM_WORKER_IDLE_S"
+EXPORT_BESIDE_EVAL = "SFTFLOW_EXPORT_BESIDE_EVAL"
 SERVE_API_KEY = "SFTFLOW_SERVE_API_KEY"
 CPU_RANKS = "SFTFLOW_CPU_RANKS"
 
@@ -56,6 +58,7 @@ class Settings:
     local_api_idle_s: float
     cpu_ranks: int | None
     warm_worker_idle_s: float | None = None  # None: the default, which depends on the machine (foundation.warm)
+    export_beside_eval: bool | None = None  # None: auto (tasks.preflight.export_fits_beside_evaluation)
     serve_api_key: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
     @classmethod
@@ -74,7 +77,18 @@ class Settings:
             cpu_ranks=int(cpu_ranks) if cpu_ranks else None,
             warm_worker_idle_s=float(env[WARM_WORKER_IDLE]) if env.get(WARM_WORKER_IDLE) else None,
             serve_api_key=env.get(SERVE_API_KEY) or None,
+            export_beside_eval=_auto_flag(env, EXPORT_BESIDE_EVAL),
         )
+
+
+def _auto_flag(env, name: str) -> bool | None:
+    """auto (or unset): None; 1: True; 0: False; anything else a one-line error naming the variable."""
+    value = env.get(name, "auto").strip().lower() or "auto"
+    if value not in ("auto", "1", "0"):
+        from foundation.errors import ConfigError
+
+        raise ConfigError(f"{name}={env[name]!r}: use auto, 1 or 0")
+    return None if value == "auto" else value == "1"
 
 
 def settings() -> Settings:

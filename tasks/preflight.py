@@ -197,6 +197,39 @@ def free_disk(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def export_memory(shape: ModelShape, config: RunConfig) -> int:
+    """Bytes the export holds at its peak: the base in export.merge_dtype while merging, then the merged model in
+    fp32 (the parity reference)."""
+    return shape.params * (BYTES[config.export.merge_dtype] + 4) + RUNTIME_BYTES
+
+
+def evaluation_memory(shape: ModelShape, config: RunConfig) -> int:
+    """Bytes an evaluation holds at most: one model in 16-bit, the fp32 logits of a loss batch of full-length rows
+    (three copies: logits, their float upcast, cross-entropy's), the KV cache of a generation batch."""
+    tokens = config.train.max_seq_length
+    logits = config.eval.batch_size * tokens * shape.vocab * 4 * 3
+    kv_cache = (config.eval.generation_batch_size * (tokens + config.eval.max_new_tokens) * shape.layers
+                * shape.kv_width * 2 * 2)
+    return shape.params * 2 + logits + kv_cache + RUNTIME_BYTES
+
+
+def export_fits_beside_evaluation(model_path: str, config: RunConfig) -> tuple[bool, str]:
+    """Whether the export can run while the evaluation runs: on a CUDA GPU whose free memory holds both at
+    their peaks (on the CPU both are CPU work, so there is nothing to gain). (answer, why)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU: the evaluation and the export share the CPU"
+    shape = read_shape(model_path)
+    if shape is None:
+        return False, f"no config.json for {model_path}: memory not estimated"
+    need = evaluation_memory(shape, config) + export_memory(shape, config)
+    free, device = available_memory(True)
+    if need > free:
+        return False, f"both need about {_gib(need)}, the {device} has {_gib(free)} free"
+    return True, f"both need about {_gib(need)}, the {device} has {_gib(free)} free"
+
+
 def check_export_fits(run_dir: Path, model_path: str, config: RunConfig, quants: list[str], log=print) -> dict | None:
     """Raise ResourceError when the export's files cannot fit on the run's disk, or its models in memory."""
     shape = read_shape(model_path)
@@ -213,8 +246,7 @@ def check_export_fits(run_dir: Path, model_path: str, config: RunConfig, quants:
             f"{quants[-1] if len(quants) > 1 else 'f16'} makes only f16 and that one; export.lora_gguf=false skips "
             "the LoRA GGUF), or move SFTFLOW_HOME to a larger disk"
         )
-    # merging holds the base in merge_dtype; the parity reference is the merged model in fp32
-    memory = shape.params * (BYTES[config.export.merge_dtype] + 4) + RUNTIME_BYTES
+    memory = export_memory(shape, config)
     available, device = available_memory(False)
     if memory > available:
         raise ResourceError(

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,9 +52,13 @@ def champion_moves(promote: bool, champion: str | None, version: str) -> bool:
 
 
 def file_manifest(root: Path) -> dict[str, FileDigest]:
-    """sha256 and size of every file under root, by relative path."""
-    return {str(path.relative_to(root)): FileDigest(sha256=sha256_of(path), bytes=path.stat().st_size)
-            for path in sorted(p for p in root.rglob("*") if p.is_file())}
+    """sha256 and size of every file under root, by relative path; the files hashed side by side (hashlib
+    lets go of the GIL: the GGUF files of a model hash in the time of the largest)."""
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(sha256_of, paths))
+    return {str(path.relative_to(root)): FileDigest(sha256=digest, bytes=path.stat().st_size)
+            for path, digest in zip(paths, digests)}
 
 
 def _gguf_section(exported: ExportReport | None) -> str:
@@ -224,7 +230,7 @@ def write_version(registry: RegistryStore, version: str, run: RunDir, promote: b
     with registry.write_version(manifest.name, version) as tmp:
         shutil.copytree(manifest.adapter_dir, tmp.adapter)
         if exported:
-            shutil.copytree(run.gguf_dir, tmp.gguf_dir)
+            shutil.copytree(run.gguf_dir, tmp.gguf_dir, )
             shutil.copyfile(run.modelfile, tmp.modelfile)
             shutil.copyfile(run.export_path, tmp.export_path)
         shutil.copyfile(run.eval_path, tmp.eval_path)

@@ -23,8 +23,9 @@ def export_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def merge_adapter(model_path: str, adapter_dir: str, out_dir: Path, dtype: str, device: str = "cpu") -> Path:
-    """Merge the adapter into the base reloaded in 16-bit (or fp32), never into a 4-bit base."""
+def merge_adapter(model_path: str, adapter_dir: str, out_dir: Path, dtype: str, device: str = "cpu"):
+    """Merge the adapter into the base reloaded in 16-bit (or fp32), never into a 4-bit base; the merged model
+    is saved in `out_dir` and returned (in `dtype`, on `device`)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -40,7 +41,7 @@ def merge_adapter(model_path: str, adapter_dir: str, out_dir: Path, dtype: str, 
             for name in TOKENIZER_FILES:
                 if (source / name).exists():
                     shutil.copyfile(source / name, tmp / name)
-    return out_dir
+    return merged
 
 
 def gguf_model_name(model_name: str) -> str:

@@ -2,12 +2,15 @@
 
 The HF side of the check (each prompt's logits and its greedy continuation) is the same for every GGUF of an
 export, so `HfReference` computes it once, on the model's device (the GPU when the export has one), and the
-GGUF files (f16, each quant, the LoRA, the control) are compared with it in turn.
+GGUF files (f16, each quant, the LoRA, the control) are compared with it, several at once when the machine
+has the cores (each check on its own share of them: llama.cpp's token-by-token decoding uses many threads
+poorly).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,13 +33,15 @@ class HfAnswer:
 
 
 class HfReference:
-    """The HF model's side of the parity check, computed once per prompt and kept while it fits."""
+    """The HF model's side of the parity check, computed once per prompt and kept while it fits; checks on
+    several threads share it (one computes an answer at a time)."""
 
     def __init__(self, hf_model, tokenizer, prompts: list[str], greedy_tokens: int):
         self.model, self.tokenizer, self.prompts, self.greedy_tokens = hf_model, tokenizer, prompts, greedy_tokens
         self.device = next(hf_model.parameters()).device
         self._kept: dict[int, HfAnswer] = {}
         self._kept_bytes = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -47,6 +52,10 @@ class HfReference:
             + self.greedy_tokens + 8
 
     def answer(self, i: int) -> HfAnswer:
+        with self._lock:
+            return self._answer(i)
+
+    def _answer(self, i: int) -> HfAnswer:
         if i in self._kept:
             return self._kept[i]
         import torch
@@ -100,12 +109,14 @@ def _compare(theirs, ours: np.ndarray) -> tuple[float, float]:
     return float(kl), float(top1)
 
 
-def parity(gguf: Path, reference: HfReference, lora: Path | None = None) -> Parity:
-    """Compare a GGUF (optionally with a GGUF LoRA) with the HF model on the reference's prompts."""
+def parity(gguf: Path, reference: HfReference, lora: Path | None = None, threads: int | None = None) -> Parity:
+    """Compare a GGUF (optionally with a GGUF LoRA) with the HF model on the reference's prompts, with llama.cpp
+    on `threads` cores (default: all)."""
     import llama_cpp
 
+    threads = threads or os.cpu_count() or 1
     llm = llama_cpp.Llama(str(gguf), lora_path=str(lora) if lora else None, n_ctx=max(512, reference.width()),
-                          logits_all=True, verbose=False, n_threads=os.cpu_count() or 1, seed=0)
+                          logits_all=True, verbose=False, n_threads=threads, n_threads_batch=threads, seed=0)
     ids_equal, kls, top1, greedy_same = 0, [], [], 0
     try:
         for i, prompt in enumerate(reference.prompts):

@@ -2,15 +2,17 @@
 
     plan      the quants (f16 always first), the pre-flight (disk, memory), llama.cpp's tools
     merge     the adapter merged into its base in 16-bit; the fp32 reference and the parity prompts
-    convert   f16 GGUF, each quant from it, the base's f16 GGUF (the control), the LoRA GGUF
-    check     parity of every GGUF against the reference, and of the control (which must fail)
+    convert   f16 GGUF, each quant from it, the base's f16 GGUF (the control), the LoRA GGUF; and
+    check     parity of every GGUF against the reference as soon as it is written, and of the control
+              (which must fail)
     finish    the Modelfile and export.json; gguf/ appears only when every check passed
 """
 
 from __future__ import annotations
 
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from foundation.artifacts import ExportReport, Parity, RunManifest
 from foundation.atomic import staged_dir, write_bytes_atomic
+from foundation.settings import settings
 from foundation.stores.datasets import DatasetVersion
 from foundation.stores.runs import RunDir
 from foundation.workspace import Workspace
@@ -38,7 +41,7 @@ from tasks.engines.chat_format import chat_format, stop_tokens
 from tasks.export.modelfile import ollama_modelfile
 from tasks.export.parity import HfReference, check_thresholds, gguf_adds_bos, parity, parity_prompts
 from tasks.export.tools import LLAMA_CPP_PYTHON, llama_cpp_tools
-from tasks.preflight import check_export_fits
+from tasks.preflight import check_export_fits, export_fits_beside_evaluation
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class ExportJob:
     tools: Path | None = None
     started: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
+    tokenizer: object = None  # the merged model's, once merged
 
     @property
     def name(self) -> str:
@@ -89,30 +93,53 @@ def plan(run: RunDir, source: ExportSource, workspace: Workspace, quants: list[s
     return job
 
 
-def merge(job: ExportJob) -> tuple[object, HfReference]:
-    """The merged 16-bit model on disk; its tokenizer and the fp32 reference side of parity (on the GPU when
-    there is one: the merge and the reference's forward passes are the export's torch work)."""
+def merge(job: ExportJob) -> HfReference:
+    """The merged 16-bit model on disk, its tokenizer (`job.tokenizer`), and the fp32 reference side of parity
+    (on the GPU when there is one: the merge and the reference's forward passes are the export's torch work).
+    The reference is the merged model as saved, upcast in memory (the values reading it back in fp32 gives)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = export_device()
     t = time.monotonic()
     merged = merge_adapter(job.source.model_path, job.source.adapter_dir, job.run.merged_dir, job.config.merge_dtype,
                            device)
     job.timed("merge_s", t)
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, device_map=device).eval()
+    job.tokenizer = tokenizer = AutoTokenizer.from_pretrained(job.run.merged_dir)
+    model = merged.to(torch.float32).eval()
     prompts = parity_prompts(job.source.eval_split, tokenizer, job.config.parity_prompts, seed=0)
-    return tokenizer, HfReference(model, tokenizer, prompts, job.config.greedy_tokens)
+    return HfReference(model, tokenizer, prompts, job.config.greedy_tokens)
 
 
-def convert(job: ExportJob, out: Path) -> dict[str, Path]:
-    """Every GGUF into `out` (by kind: the quants, then lora), and the control beside the run.
+def parity_slots(job: ExportJob, checks: int) -> tuple[int, int]:
+    """(checks at once, llama.cpp threads each): a share of at least 4 cores each, as many as the RAM holds
+    the largest GGUF (the f16) for; one check on every core on a small machine."""
+    import psutil
 
-    The three conversions (merged f16, the base's f16 control, the LoRA) are separate converter processes,
-    mostly single-threaded, and run side by side; the quantiser (all cores) runs on the f16 once it is there."""
-    log = job.run.export_log
+    from tasks.preflight import read_shape
+
+    cores = os.cpu_count() or 1
+    shape = read_shape(job.source.model_path)
+    f16_bytes = shape.params * 2 if shape else 1
+    fit = max(1, int(psutil.virtual_memory().available * 0.5) // f16_bytes)
+    workers = max(1, min(checks, cores // 4, fit))
+    return workers, max(1, cores // workers)
+
+
+def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], dict[str, Parity], list[str]]:
+    """Every GGUF into `out` (by kind: the quants, then lora), each checked against the HF model as soon as it
+    is written, and the control (the base's f16 GGUF, beside the run; it must fail).
+
+    The base's f16 (the control) and the LoRA GGUF need no merge: their converters (separate processes, mostly
+    single-threaded) start first and run while the adapter is merged. The merged f16 is converted once the
+    merge is saved, each quant is made from it in turn (llama.cpp's quantiser, all cores), and the parity
+    checks run beside all of that (`parity_slots`)."""
+    tool_log = job.run.export_log
     model_name = gguf_model_name(job.source.config.model.name)
+    control = job.run.control_gguf
+    kinds = [*job.quants, *(["lora"] if job.config.lora_gguf else []), "control_base_f16"]
+    workers, threads = parity_slots(job, len(kinds))
+    checked: dict[str, Future] = {}
 
     def timed(key: str, make):
         t = time.monotonic()
@@ -120,47 +147,47 @@ def convert(job: ExportJob, out: Path) -> dict[str, Path]:
         job.timed(key, t)
         return result
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        f16 = pool.submit(timed, "convert_s", lambda: convert_to_gguf(
-            job.tools, job.run.merged_dir, out / f"{job.name}-f16.gguf", log, model_name))
-        control = pool.submit(timed, "convert_control_s", lambda: convert_to_gguf(
-            job.tools, Path(job.source.model_path), job.run.control_gguf, log, model_name))
-        lora = pool.submit(timed, "convert_lora_s", lambda: convert_lora_to_gguf(
-            job.tools, job.source.model_path, job.source.adapter_dir, out / f"{job.name}-lora-f16.gguf", log)
-        ) if job.config.lora_gguf else None
-        files = {"f16": f16.result()}
-        for quant in job.quants[1:]:
-            files[quant] = timed(f"quantize_{quant}_s",
-                                 lambda q=quant: quantize(files["f16"], out / f"{job.name}-{q}.gguf", q))
-        control.result()
-        if lora is not None:
-            files["lora"] = lora.result()
-    return files
+    def check(kind: str, gguf: Path, lora: Path | None = None) -> Parity:
+        return timed(f"parity_{kind}_s", lambda: parity(gguf, reference, lora=lora, threads=threads))
 
-
-def check(job: ExportJob, files: dict[str, Path], reference: HfReference, log) -> tuple[dict, list[str]]:
-    """Parity of every GGUF (the LoRA on the base's f16 GGUF) and of the control; the misses."""
-    t = time.monotonic()
-    results: dict[str, Parity] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=2) as converters, ThreadPoolExecutor(max_workers=workers) as checks:
+            made_control = converters.submit(timed, "convert_control_s", lambda: convert_to_gguf(
+                job.tools, Path(job.source.model_path), control, tool_log, model_name))
+            made_lora = converters.submit(timed, "convert_lora_s", lambda: convert_lora_to_gguf(
+                job.tools, job.source.model_path, job.source.adapter_dir, out / f"{job.name}-lora-f16.gguf", tool_log)
+            ) if job.config.lora_gguf else None
+            reference = merge(job)
+            files = {"f16": timed("convert_s", lambda: convert_to_gguf(
+                job.tools, job.run.merged_dir, out / f"{job.name}-f16.gguf", tool_log, model_name))}
+            parity_started = time.monotonic()
+            checked["f16"] = checks.submit(check, "f16", files["f16"])
+            for quant in job.quants[1:]:
+                files[quant] = timed(f"quantize_{quant}_s",
+                                     lambda q=quant: quantize(files["f16"], out / f"{job.name}-{q}.gguf", q))
+                checked[quant] = checks.submit(check, quant, files[quant])
+            made_control.result()
+            if made_lora is not None:
+                files["lora"] = made_lora.result()  # the base's f16 GGUF with the adapter applied at load time
+                checked["lora"] = checks.submit(check, "lora", control, files["lora"])
+            # the control: the base without the adapter must be clearly worse, or the check proves nothing
+            checked["control_base_f16"] = checks.submit(check, "control_base_f16", control)
+            results = {kind: future.result() for kind, future in checked.items()}
+    finally:
+        control.unlink(missing_ok=True)
+    job.timed("parity_s", parity_started)
     failures: list[str] = []
-    control = job.run.control_gguf
-    for kind, path in files.items():
-        if kind == "lora":  # the base GGUF with the adapter applied at load time
-            result = parity(control, reference, lora=path)
-        else:
-            result = parity(path, reference)
+    for kind, result in results.items():
+        if kind == "control_base_f16":
+            continue
         missed = check_thresholds(result, job.config.thresholds.get(kind, {}))
         results[kind] = result.model_copy(update={"passed": not missed})
         failures += [f"{kind}: {m}" for m in missed]
         log(f"parity {kind}: {results[kind].dump()}")
-    # the control: the base without the adapter must be clearly worse, or the check proves nothing
-    results["control_base_f16"] = parity(control, reference)
-    control.unlink()
     if not check_thresholds(results["control_base_f16"], job.config.thresholds["f16"]):
         failures.append("control: the base model without the adapter passes the f16 thresholds, so parity "
                         "cannot tell the adapter apart; tighten export.thresholds")
-    job.timed("parity_s", t)
-    return results, failures
+    return files, {k: results[k] for k in kinds}, failures
 
 
 def finish(job: ExportJob, files: dict[str, Path], results: dict[str, Parity], tokenizer) -> ExportReport:
@@ -185,14 +212,12 @@ def export_run(run: RunDir, source: ExportSource, workspace: Workspace, quants: 
                log=print) -> ExportReport:
     """Merge, convert, quantize, check parity; gguf/ appears only when every check passed."""
     job = plan(run, source, workspace, quants, log)
-    tokenizer, reference = merge(job)
     with staged_dir(run.gguf_dir) as tmp:
-        files = convert(job, tmp)
-        results, failures = check(job, files, reference, log)
+        files, results, failures = convert_and_check(job, tmp, log)
         if failures:
             ExportReport(passed=False, parity=results, failures=failures, timings=job.timings).write(run.export_path)
             raise ExportError("GGUF parity failed: " + "; ".join(failures))
-    return finish(job, files, results, tokenizer)
+    return finish(job, files, results, job.tokenizer)
 
 
 @task(cache_policy=NO_CACHE)
@@ -208,6 +233,20 @@ def export_gguf(run_id: str, quants: list[str] | None) -> ExportReport:
         description=f"{run_id}: GGUF parity against the merged HF model (control: base without adapter)",
     )
     return report
+
+
+def export_beside_evaluation(run_id: str, log) -> bool:
+    """Whether the pipeline runs this run's export while its evaluation runs (they read the same finished run
+    and write different files; the evaluation is mostly GPU work, the export mostly CPU work): as
+    SFTFLOW_EXPORT_BESIDE_EVAL says, by default when the GPU's free memory holds both."""
+    chosen = settings().export_beside_eval
+    if chosen is not None:
+        log(f"export {'beside' if chosen else 'after'} the evaluation: SFTFLOW_EXPORT_BESIDE_EVAL={int(chosen)}")
+        return chosen
+    manifest = Workspace.from_env().runs.finished(run_id).manifest()
+    fits, why = export_fits_beside_evaluation(manifest.model_path, RunConfig.model_validate(manifest.config))
+    log(f"export {'beside' if fits else 'after'} the evaluation: {why}")
+    return fits
 
 
 def export_of(run_id: str) -> ExportReport:

@@ -33,9 +33,23 @@ def _artifacts_since(start) -> list:
         return [a for a in client.read_artifacts() if a.created >= start]
 
 
-def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(workspace, tiny_model):
+def _overlap(flow_run_id, first: str, second: str) -> bool:
+    """Whether the subflow runs `first` and `second` of a flow run ran at the same time (from Prefect's record)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        runs = {flows[r.flow_id]: r for r in client.read_flow_runs(limit=200) if r.id != flow_run_id}
+    a, b = runs[first], runs[second]
+    return a.start_time < b.end_time and b.start_time < a.end_time
+
+
+def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(workspace, tiny_model,
+                                                                                  monkeypatch):
     from datetime import datetime, timezone
 
+    # the export beside the evaluation (on a GPU machine the default when memory holds both; forced here)
+    monkeypatch.setenv("SFTFLOW_EXPORT_BESIDE_EVAL", "1")
     started = datetime.now(timezone.utc)
     state = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK,
                          return_state=True)
@@ -53,6 +67,7 @@ def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(w
     assert (workspace.registry_dir / "tiny-sft" / "CHAMPION").read_text().strip() == "v0001"
     assert _subflows(state.state_details.flow_run_id) == sorted(
         ["ingest_drop", "train_adapter", "evaluate_adapter", "export_model", "publish_model"])
+    assert _overlap(state.state_details.flow_run_id, "evaluate_adapter", "export_model")
     # the dashboard's summary artifact tells what the terminal prints
     from prefect.client.orchestration import get_client
 
