@@ -57,26 +57,34 @@ def test_cli_json_keys_and_the_pipeline_summary_are_unchanged(workspace, tiny_mo
     env = {**os.environ, "SFTFLOW_HOME": str(workspace.root), "PREFECT_HOME": str(tmp_path / "cli-prefect"),
            "SFTFLOW_PROGRESS": "0"}
     env.pop("PREFECT_API_URL", None)
+    # the flow commands share the workspace's local Prefect API, as a user's do (one start, not one each);
+    # it is stopped before the commands whose output says that no server runs
+    shared = {**env, "SFTFLOW_LOCAL_API_IDLE_S": "300"}
     quick = [item for o in QUICK for item in ("--set", o)]
     seen: dict = {}
 
-    def record(name: str, *args: str, status: int = 0) -> dict:
-        output = json.loads(run(env, *args, "--json", status=status).stdout)
+    def record(name: str, *args: str, status: int = 0, environ: dict = env) -> dict:
+        output = json.loads(run(environ, *args, "--json", status=status).stdout)
         seen[name] = shape(output)
         return output
 
-    record("config validate", "config", "validate", CONFIG)
-    record("ingest", "ingest", str(SAMPLE_DROPS / "arithmetic"), "--drop-id", "golden-arithmetic")
-    record("ingest (rejected)", "ingest", str(SAMPLE_DROPS / "json-extraction"), "--drop-id", "golden-rejected",
-           "--max-reject-rate", "0.01", status=1)
-    record("datasets", "datasets")
-    pipeline = record("pipeline", "pipeline", str(SAMPLE_DROPS / "unit-conversions"), "--config", CONFIG, *quick)
-    record("pipeline (skipped)", "pipeline", "--config", CONFIG, *quick)
-    run_id = record("train", "train", "--config", CONFIG, *QUICK)["run_id"]
-    record("train --dry-run", "train", "--config", CONFIG, *quick, "--dry-run")
-    record("evaluate", "evaluate", "--run", run_id)
-    record("export", "export", "--run", run_id, "--quant", "f16")
-    record("publish", "publish", "--run", run_id)
+    try:
+        record("config validate", "config", "validate", CONFIG)
+        record("ingest", "ingest", str(SAMPLE_DROPS / "arithmetic"), "--drop-id", "golden-arithmetic",
+               environ=shared)
+        record("ingest (rejected)", "ingest", str(SAMPLE_DROPS / "json-extraction"), "--drop-id", "golden-rejected",
+               "--max-reject-rate", "0.01", status=1, environ=shared)
+        record("datasets", "datasets")
+        pipeline = record("pipeline", "pipeline", str(SAMPLE_DROPS / "unit-conversions"), "--config", CONFIG, *quick,
+                          environ=shared)
+        record("pipeline (skipped)", "pipeline", "--config", CONFIG, *quick, environ=shared)
+        run_id = record("train", "train", "--config", CONFIG, *QUICK, environ=shared)["run_id"]
+        record("train --dry-run", "train", "--config", CONFIG, *quick, "--dry-run", environ=shared)
+        record("evaluate", "evaluate", "--run", run_id, environ=shared)
+        record("export", "export", "--run", run_id, "--quant", "f16", environ=shared)
+        record("publish", "publish", "--run", run_id, environ=shared)
+    finally:
+        run(shared, "down")
     record("drop (no server)", "drop", str(SAMPLE_DROPS / "support-chats"), "--drop-id", "golden-landed")
     record("status (no stack)", "status")
     record("down (no stack)", "down")

@@ -28,10 +28,13 @@ def cli(tmp_path):
            "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)
 
-    def run(*args: str) -> tuple[subprocess.CompletedProcess, set[str], list[str]]:
-        """The finished process, the top-level packages it imported, and its stderr without the import report."""
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sftflow", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)
+    def run(*args: str, from_bash: bool = False) -> tuple[subprocess.CompletedProcess, set[str], list[str]]:
+        """The finished process, the top-level packages it imported, and its stderr without the import report.
+        from_bash: started by a bash that waits for it (as from a terminal), not straight from this process."""
+        command = [sys.executable, "-X", "importtime", "-m", "sftflow", *args]
+        if from_bash:  # `; exit` keeps bash from exec-ing the command: bash stays its parent
+            command = ["bash", "-c", '"$@"; exit $?', "bash", *command]
+        proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         report = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
         imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in report[1:]}  # [0] is the header
         rest = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
@@ -97,9 +100,11 @@ def test_argument_errors_answer_before_anything_heavy(cli, tmp_path, args, says)
 
 
 def test_shell_completion_is_typers_and_as_light_as_help(cli):
-    """`sftflow --show-completion bash` prints the script that calls back with _SFTFLOW_COMPLETE, and a
-    completion request through that protocol answers without importing anything heavy."""
-    proc, imported, _ = cli("--show-completion", "bash")
+    """`sftflow --show-completion`, typed in bash, prints the script that calls back with _SFTFLOW_COMPLETE, and
+    a completion request through that protocol answers without importing anything heavy. (Typer finds the
+    shell among the command's parent processes: run straight from pytest, whose parents need not include a
+    shell, it finds none.)"""
+    proc, imported, _ = cli("--show-completion", from_bash=True)
     assert proc.returncode == 0, proc.stderr
     assert "_SFTFLOW_COMPLETE=complete_bash" in proc.stdout and "complete -o default -F _sftflow_completion sftflow" in proc.stdout
     assert imported.isdisjoint(HEAVY)

@@ -11,6 +11,7 @@ a minute for all six. It needs the pinned llama-cpp-python sdist that `make` dow
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tests.families import family_model, vocab_tests
@@ -99,6 +100,25 @@ def test_family_round_trip(family, llama_tools, tmp_path):
     assert check_thresholds(parity(gguf, reference), BY_NAME["f16"].thresholds) == []
     q8 = quantize(gguf, tmp_path / "q8_0.gguf", "q8_0")
     assert check_thresholds(parity(q8, reference), BY_NAME["q8_0"].thresholds) == []
+
+    # parity's greedy continuation, read from one pass while it follows the HF one, is llama.cpp's token-by-token
+    # greedy decoding: when the two agree throughout, and when they part at any position
+    from tasks.export.parity import _greedy_gguf
+
+    ids, steps = reference.answer(0).ids, 12
+    llm = llama_cpp.Llama(str(q8), n_ctx=512, logits_all=True, verbose=False, seed=0)
+    try:
+        def greedy(theirs: list[int]) -> list[int]:
+            llm.reset()
+            llm.eval(ids)
+            return _greedy_gguf(llm, np.asarray(llm.scores[len(ids) - 1]), steps, theirs)
+
+        alone = greedy([])  # nothing to follow: token by token
+        assert len(alone) == steps and greedy(alone) == alone
+        for part in range(steps):
+            assert greedy([*alone[:part], (alone[part] + 1) % llm.n_vocab(), *alone[part + 1:]]) == alone, part
+    finally:
+        llm.close()
 
 
 def test_a_phi3_gguf_converted_from_the_exports_directory_tokenizes_alike(family_cache, llama_tools, tmp_path):

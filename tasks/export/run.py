@@ -132,14 +132,15 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
 
     The base's f16 (the control) and the LoRA GGUF need no merge: their converters (separate processes, mostly
     single-threaded) start first and run while the adapter is merged. The merged f16 is converted once the
-    merge is saved, each quant is made from it in turn (llama.cpp's quantiser, all cores), and the parity
-    checks run beside all of that (`parity_slots`)."""
+    merge is saved, each quant is made from it in turn (llama.cpp's quantiser, all cores), and each file's
+    parity check starts once the file and the HF side are there, beside all of that (`parity_slots`)."""
     tool_log = job.run.export_log
     model_name = gguf_model_name(job.source.config.model.name)
     control = job.run.control_gguf
     kinds = [*job.quants, *(["lora"] if job.config.lora_gguf else []), "control_base_f16"]
     workers, threads = parity_slots(job, len(kinds))
     checked: dict[str, Future] = {}
+    reference: Future = Future()  # the HF side, once the merge is done
 
     def timed(key: str, make):
         t = time.monotonic()
@@ -148,19 +149,35 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
         return result
 
     def check(kind: str, gguf: Path, lora: Path | None = None) -> Parity:
-        return timed(f"parity_{kind}_s", lambda: parity(gguf, reference, lora=lora, threads=threads))
+        hf = reference.result()
+        return timed(f"parity_{kind}_s", lambda: parity(gguf, hf, lora=lora, threads=threads))
+
+    def control_and_its_check() -> Path:
+        made = timed("convert_control_s", lambda: convert_to_gguf(
+            job.tools, Path(job.source.model_path), control, tool_log, model_name))
+        # the base without the adapter must be clearly worse, or the check proves nothing
+        checked["control_base_f16"] = checks.submit(check, "control_base_f16", control)
+        return made
+
+    def lora_and_its_check() -> Path:
+        made = timed("convert_lora_s", lambda: convert_lora_to_gguf(
+            job.tools, job.source.model_path, job.source.adapter_dir, out / f"{job.name}-lora-f16.gguf", tool_log))
+        made_control.result()  # the LoRA is checked on the base's f16 GGUF, applied at load time
+        checked["lora"] = checks.submit(check, "lora", control, made)
+        return made
 
     try:
-        with ThreadPoolExecutor(max_workers=2) as converters, ThreadPoolExecutor(max_workers=workers) as checks:
-            made_control = converters.submit(timed, "convert_control_s", lambda: convert_to_gguf(
-                job.tools, Path(job.source.model_path), control, tool_log, model_name))
-            made_lora = converters.submit(timed, "convert_lora_s", lambda: convert_lora_to_gguf(
-                job.tools, job.source.model_path, job.source.adapter_dir, out / f"{job.name}-lora-f16.gguf", tool_log)
-            ) if job.config.lora_gguf else None
-            reference = merge(job)
+        with ThreadPoolExecutor(max_workers=workers) as checks, ThreadPoolExecutor(max_workers=2) as converters:
+            made_control = converters.submit(control_and_its_check)
+            made_lora = converters.submit(lora_and_its_check) if job.config.lora_gguf else None
+            try:
+                reference.set_result(merge(job))
+            except BaseException as exc:  # the checks waiting for it end with the same error
+                reference.set_exception(exc)
+                raise
+            merged = time.monotonic()
             files = {"f16": timed("convert_s", lambda: convert_to_gguf(
                 job.tools, job.run.merged_dir, out / f"{job.name}-f16.gguf", tool_log, model_name))}
-            parity_started = time.monotonic()
             checked["f16"] = checks.submit(check, "f16", files["f16"])
             for quant in job.quants[1:]:
                 files[quant] = timed(f"quantize_{quant}_s",
@@ -168,14 +185,11 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
                 checked[quant] = checks.submit(check, quant, files[quant])
             made_control.result()
             if made_lora is not None:
-                files["lora"] = made_lora.result()  # the base's f16 GGUF with the adapter applied at load time
-                checked["lora"] = checks.submit(check, "lora", control, files["lora"])
-            # the control: the base without the adapter must be clearly worse, or the check proves nothing
-            checked["control_base_f16"] = checks.submit(check, "control_base_f16", control)
-            results = {kind: future.result() for kind, future in checked.items()}
+                files["lora"] = made_lora.result()
+        results = {kind: future.result() for kind, future in checked.items()}
     finally:
         control.unlink(missing_ok=True)
-    job.timed("parity_s", parity_started)
+    job.timed("after_merge_s", merged)
     failures: list[str] = []
     for kind, result in results.items():
         if kind == "control_base_f16":
