@@ -42,14 +42,18 @@ class HfReference:
         self._kept: dict[int, HfAnswer] = {}
         self._kept_bytes = 0
         self._lock = threading.Lock()
+        self._width: int | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def width(self) -> int:
-        """The context a GGUF needs for the longest prompt and its continuation."""
-        return max(len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in self.prompts) \
-            + self.greedy_tokens + 8
+        """The context a GGUF needs for the longest prompt and its continuation (the prompts tokenized once)."""
+        with self._lock:
+            if self._width is None:
+                self._width = max(len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in self.prompts) \
+                    + self.greedy_tokens + 8
+            return self._width
 
     def answer(self, i: int) -> HfAnswer:
         with self._lock:

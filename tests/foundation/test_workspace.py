@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from foundation.errors import WorkspaceError
+from foundation.errors import ConfigError, WorkspaceError
 from foundation.settings import Settings
 from foundation.workspace import LAYOUT, LAYOUT_FILE, Workspace
 from tests.conftest import ROOT
@@ -56,6 +56,10 @@ def test_settings_read_every_variable_from_the_environment_given():
     assert keyed.serve_api_key == "s3cret" and "s3cret" not in repr(keyed)  # a secret stays out of reprs and logs
     defaults = Settings.from_env({})
     assert defaults.home == Path(".sftflow").absolute() and defaults.cache is None and defaults.progress
+    beside = {v: Settings.from_env({"SFTFLOW_EXPORT_BESIDE_EVAL": v}).export_beside_eval for v in ("1", "0", "auto")}
+    assert beside == {"1": True, "0": False, "auto": None} and defaults.export_beside_eval is None
+    with pytest.raises(ConfigError, match=r"^SFTFLOW_EXPORT_BESIDE_EVAL='yes': use auto, 1 or 0$"):
+        Settings.from_env({"SFTFLOW_EXPORT_BESIDE_EVAL": "yes"})
 
 
 def test_no_product_module_reads_an_sftflow_variable_but_the_settings():

@@ -84,6 +84,29 @@ def test_export_that_cannot_fit_on_disk_or_in_memory_is_refused(tmp_path, monkey
         check_export_fits(run_dir, model, config, ["f16"], log=lambda *_: None)
 
 
+def test_the_export_runs_beside_the_evaluation_only_on_a_gpu_that_holds_both(tmp_path, monkeypatch):
+    """The pipeline's export beside the evaluation: never on the CPU (both are CPU work there); on a GPU when
+    its free memory holds the evaluation's and the export's estimates together, with the numbers said."""
+    import torch
+
+    from tasks.preflight import evaluation_memory, export_fits_beside_evaluation, export_memory
+
+    model = config_dir(tmp_path, LLAMA_1B)
+    config = RunConfig.model_validate({"name": "m", "model": {"name": model}})
+    shape = ModelShape.from_config(LLAMA_1B)
+    need = evaluation_memory(shape, config) + export_memory(shape, config)
+    assert export_memory(shape, config) == shape.params * (2 + 4) + preflight.RUNTIME_BYTES  # bfloat16 merge, fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert export_fits_beside_evaluation(model, config) == (
+        False, "no CUDA GPU: the evaluation and the export share the CPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(preflight, "available_memory", lambda cuda: (need + GIB, "GPU NVIDIA H200"))
+    fits, why = export_fits_beside_evaluation(model, config)
+    assert fits and "GPU NVIDIA H200 has" in why
+    monkeypatch.setattr(preflight, "available_memory", lambda cuda: (need - GIB, "GPU NVIDIA L4"))
+    assert export_fits_beside_evaluation(model, config)[0] is False
+
+
 def test_the_export_task_refuses_before_fetching_tools_or_writing_anything(tmp_path, monkeypatch, workspace):
     from tasks.export import run as export
 
