@@ -16,14 +16,25 @@ QUICK = ["train.max_steps=30", "train.save_steps=30", "eval.primary_metric=eval_
          "export.quants=[f16]", "export.parity_prompts=4"]
 
 
-def _subflows(flow_run_id):
+def _subflow_runs(flow_run_id) -> list[tuple[str, object]]:
+    """(flow name, run) of each subflow run of a flow run (the session's Prefect API holds other tests' runs too)."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         parent_tasks = {t.id for t in client.read_task_runs() if t.flow_run_id == flow_run_id}
         flows = {f.id: f.name for f in client.read_flows()}
-        return sorted(flows[r.flow_id] for r in client.read_flow_runs(limit=200)
-                      if r.parent_task_run_id in parent_tasks)
+        return [(flows[r.flow_id], r) for r in client.read_flow_runs(limit=200) if r.parent_task_run_id in parent_tasks]
+
+
+def _subflows(flow_run_id) -> list[str]:
+    return sorted(name for name, _ in _subflow_runs(flow_run_id))
+
+
+def _overlap(flow_run_id, first: str, second: str) -> bool:
+    """Whether the subflow runs `first` and `second` of a flow run (one each) ran at the same time."""
+    [a] = [run for name, run in _subflow_runs(flow_run_id) if name == first]
+    [b] = [run for name, run in _subflow_runs(flow_run_id) if name == second]
+    return a.start_time < b.end_time and b.start_time < a.end_time
 
 
 def _artifacts_since(start) -> list:
@@ -31,17 +42,6 @@ def _artifacts_since(start) -> list:
 
     with get_client(sync_client=True) as client:
         return [a for a in client.read_artifacts() if a.created >= start]
-
-
-def _overlap(flow_run_id, first: str, second: str) -> bool:
-    """Whether the subflow runs `first` and `second` of a flow run ran at the same time (from Prefect's record)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        flows = {f.id: f.name for f in client.read_flows()}
-        runs = {flows[r.flow_id]: r for r in client.read_flow_runs(limit=200) if r.id != flow_run_id}
-    a, b = runs[first], runs[second]
-    return a.start_time < b.end_time and b.start_time < a.end_time
 
 
 def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(workspace, tiny_model,
