@@ -2,8 +2,8 @@
 
 Each stage is its own flow, so a pipeline run shows them as subflows:
 
-    ingest_drop (one per drop) -> train_adapter -> evaluate_adapter -> publish_model
-                                                  -> export_model  ->
+    ingest_drop (one per drop) -> train_adapter -> evaluate_adapter -> publish_model (when promoted)
+                                                  export_model     (beside the evaluation, or after it)
 
 The export runs while the evaluation runs (on a thread of this flow, as a task that runs the subflow) when
 both run in this process and the machine holds both (tasks.export.run.export_beside_evaluation); otherwise

@@ -230,7 +230,7 @@ def write_version(registry: RegistryStore, version: str, run: RunDir, promote: b
     with registry.write_version(manifest.name, version) as tmp:
         shutil.copytree(manifest.adapter_dir, tmp.adapter)
         if exported:
-            shutil.copytree(run.gguf_dir, tmp.gguf_dir, )
+            shutil.copytree(run.gguf_dir, tmp.gguf_dir)
             shutil.copyfile(run.modelfile, tmp.modelfile)
             shutil.copyfile(run.export_path, tmp.export_path)
         shutil.copyfile(run.eval_path, tmp.eval_path)
