@@ -92,6 +92,50 @@ def verify_version(version_dir: Path) -> list[str]:
     return sorted(p for p in set(listed) | set(actual) if listed.get(p) != actual.get(p))
 
 
+def subflow_runs(flow_run_id, nested: bool = False) -> list[tuple[str, object]]:
+    """(flow name, run) of each subflow run of a flow run (and of its subflows', nested). Filtered by the
+    server: the session's Prefect API holds every test's runs, and an unfiltered read returns some 200 of them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    found, parents = [], [flow_run_id]
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        while parents:
+            children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=parents))
+            runs = _all_pages(lambda offset: client.read_flow_runs(flow_run_filter=children, offset=offset))
+            found += [(flows[r.flow_id], r) for r in runs]
+            parents = [r.id for r in runs] if nested else []
+    return found
+
+
+def logs_and_artifacts(flow_run_id) -> tuple[list, list]:
+    """Every log line and artifact of a flow run and its subflows, read from the server page by page (after the
+    run's logs, shipped in the background, have reached it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    runs = [flow_run_id, *(run.id for _, run in subflow_runs(flow_run_id, nested=True))]
+    with get_client(sync_client=True) as client:
+        logs = _all_pages(lambda offset: client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=runs)), offset=offset))
+        artifacts = _all_pages(lambda offset: client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs)), offset=offset))
+    return logs, artifacts
+
+
+def _all_pages(read, page: int = 200) -> list:
+    """Every item of a Prefect read whose server returns at most `page` (PREFECT_API_DEFAULT_LIMIT) per call."""
+    items = []
+    while True:
+        batch = read(len(items))
+        items += batch
+        if len(batch) < page:
+            return items
+
+
 def shared_dataset(name: str) -> Path:
     path = SHARED_DATASETS / name
     if not path.exists():

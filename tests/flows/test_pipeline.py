@@ -7,7 +7,7 @@ import pytest
 from flows.ingest import ingest_drop
 from flows.pipeline import sft_pipeline
 from foundation.errors import SftflowError
-from tests.conftest import ROOT, SAMPLE_DROPS
+from tests.conftest import ROOT, SAMPLE_DROPS, logs_and_artifacts, subflow_runs
 
 pytestmark = pytest.mark.slow
 
@@ -16,41 +16,21 @@ QUICK = ["train.max_steps=30", "train.save_steps=30", "eval.primary_metric=eval_
          "export.quants=[f16]", "export.parity_prompts=4"]
 
 
-def _subflow_runs(flow_run_id) -> list[tuple[str, object]]:
-    """(flow name, run) of each subflow run of a flow run (the session's Prefect API holds other tests' runs too)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        parent_tasks = {t.id for t in client.read_task_runs() if t.flow_run_id == flow_run_id}
-        flows = {f.id: f.name for f in client.read_flows()}
-        return [(flows[r.flow_id], r) for r in client.read_flow_runs(limit=200) if r.parent_task_run_id in parent_tasks]
-
-
 def _subflows(flow_run_id) -> list[str]:
-    return sorted(name for name, _ in _subflow_runs(flow_run_id))
+    return sorted(name for name, _ in subflow_runs(flow_run_id))
 
 
 def _overlap(flow_run_id, first: str, second: str) -> bool:
     """Whether the subflow runs `first` and `second` of a flow run (one each) ran at the same time."""
-    [a] = [run for name, run in _subflow_runs(flow_run_id) if name == first]
-    [b] = [run for name, run in _subflow_runs(flow_run_id) if name == second]
+    [a] = [run for name, run in subflow_runs(flow_run_id) if name == first]
+    [b] = [run for name, run in subflow_runs(flow_run_id) if name == second]
     return a.start_time < b.end_time and b.start_time < a.end_time
-
-
-def _artifacts_since(start) -> list:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return [a for a in client.read_artifacts() if a.created >= start]
 
 
 def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(workspace, tiny_model,
                                                                                   monkeypatch):
-    from datetime import datetime, timezone
-
     # the export beside the evaluation (on a GPU machine the default when memory holds both; forced here)
     monkeypatch.setenv("SFTFLOW_EXPORT_BESIDE_EVAL", "1")
-    started = datetime.now(timezone.utc)
     state = sft_pipeline(drops=[str(SAMPLE_DROPS / "arithmetic")], config=CONFIG, overrides=QUICK,
                          return_state=True)
     summary = state.result()
@@ -69,27 +49,25 @@ def test_pipeline_runs_every_stage_as_a_subflow_then_skips_what_it_already_did(w
         ["ingest_drop", "train_adapter", "evaluate_adapter", "export_model", "publish_model"])
     assert _overlap(state.state_details.flow_run_id, "evaluate_adapter", "export_model")
     # the dashboard's summary artifact tells what the terminal prints
-    from prefect.client.orchestration import get_client
-
     from tasks.report import pipeline_text
 
-    with get_client(sync_client=True) as client:
-        [artifact] = [a for a in client.read_artifacts() if a.key == "pipeline-summary"
-                      and a.flow_run_id == state.state_details.flow_run_id]
+    _, artifacts = logs_and_artifacts(state.state_details.flow_run_id)
+    [artifact] = [a for a in artifacts if a.key == "pipeline-summary"
+                  and a.flow_run_id == state.state_details.flow_run_id]
     text = pipeline_text(summary)
     assert text in artifact.data and "published tiny-sft v0001 (champion)" in text
     assert f"rows in {summary.drops[0].rows_in} = accepted {summary.drops[0].accepted}" in text
 
     # no artifact links where a browser cannot follow; one that names a workspace path names the command too
     naming_paths = set()
-    for artifact in _artifacts_since(started):
+    for artifact in artifacts:
         text = f"{artifact.data} {artifact.description}"
         assert "file://" not in text, (artifact.key, text[:500])
         if str(workspace.root) in text:
             naming_paths.add(artifact.key)
             assert "sftflow " in text, (artifact.key, text[:500])
     assert {"published-model", "pipeline-summary"} <= naming_paths
-    [published] = [a for a in _artifacts_since(started) if a.key == "published-model"]
+    [published] = [a for a in artifacts if a.key == "published-model"]
     for command in ("sftflow models show tiny-sft@v0001", "sftflow chat --model tiny-sft@v0001",
                     "sftflow serve --model tiny-sft@v0001", f"sftflow runs show {summary.training.run_id}"):
         assert command in published.data

@@ -4,7 +4,6 @@ appears in logs, artifacts, the model card or any file the pipeline writes."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pickle
@@ -14,7 +13,7 @@ import pytest
 
 from schemas.config import ModelConfig
 from foundation.errors import ConfigError, DropError
-from tests.conftest import SAMPLE_DROPS
+from tests.conftest import logs_and_artifacts
 
 GOOD_ROW = json.dumps({"instruction": "What is 2 + 2?", "output": "4"}) + "\n"
 
@@ -178,8 +177,6 @@ def test_the_hub_token_never_appears_in_logs_artifacts_card_or_files(tmp_path, m
     """Publish with a token configured, through a hub client that fails with the token in its error (as
     an HTTP error echoing a request can): the token is in no file, log line, artifact or result."""
     import huggingface_hub
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from flows.publish import publish_model
     from tests.reliability.test_publish_killed import craft_run
@@ -216,17 +213,8 @@ def test_the_hub_token_never_appears_in_logs_artifacts_card_or_files(tmp_path, m
             assert TOKEN.encode() not in path.read_bytes(), path
     assert (home / "registry" / "tiny-sft" / "v0001" / "README.md").exists()
 
-    async def logs_and_artifacts():
-        async with get_client() as client:
-            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-            artifacts = await client.read_artifacts()
-            return logs, artifacts
-
-    from prefect.logging.handlers import APILogHandler
-
-    APILogHandler().flush()  # the run's logs reach the API in the background: wait for them
-    logs, artifacts = asyncio.run(logs_and_artifacts())
-    assert any("hub: failed" in log.message for log in logs)  # the failure was logged, redacted
+    logs, artifacts = logs_and_artifacts(state.state_details.flow_run_id)
+    assert artifacts and any("hub: failed" in log.message for log in logs)  # the failure was logged, redacted
     assert all(TOKEN not in log.message for log in logs)
     assert all(TOKEN not in json.dumps(a.data, default=str) and TOKEN not in (a.description or "") for a in artifacts)
     assert os.environ["HF_TOKEN"] == TOKEN

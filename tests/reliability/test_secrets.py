@@ -9,9 +9,7 @@ or the setup commands.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from foundation.credentials import (
     forget_urls, is_redacted, redact_url, remember_url, scrub, url_secrets, without_credentials,
 )
 from schemas.config import RunConfig, config_hash
+from tests.conftest import logs_and_artifacts
 
 TOKEN = "ghp_sftflowRemoteSecret0123456789abcdefXYZ"
 REMOTE = f"credfs://sftflow:{TOKEN}@store/models"
@@ -170,20 +169,6 @@ def files_holding(root: Path, secret: str, skip: frozenset[Path] = frozenset()) 
     return [p for p in root.rglob("*") if p.is_file() and p not in skip and secret.encode() in p.read_bytes()]
 
 
-def logs_and_artifacts_of(state) -> tuple[list, list]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.logging.handlers import APILogHandler
-
-    async def read():
-        async with get_client() as client:
-            flow_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            return await client.read_logs(log_filter=LogFilter(flow_run_id=flow_run)), await client.read_artifacts()
-
-    APILogHandler().flush()  # the run's logs reach the API in the background: wait for them
-    return asyncio.run(read())
-
-
 def assert_token_nowhere(home: Path, state, skip: frozenset[Path] = frozenset()) -> None:
     from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
 
@@ -194,8 +179,8 @@ def assert_token_nowhere(home: Path, state, skip: frozenset[Path] = frozenset())
     for path in (database, database.with_name(database.name + "-wal")):  # the harness's database, if local
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
-    logs, artifacts = logs_and_artifacts_of(state)
-    assert any("copied tiny-sft/v0001 to credfs://" in log.message for log in logs)
+    logs, artifacts = logs_and_artifacts(state.state_details.flow_run_id)
+    assert artifacts and any("copied tiny-sft/v0001 to credfs://" in log.message for log in logs)
     assert all(TOKEN not in log.message for log in logs)
     assert all(TOKEN not in json.dumps(a.data, default=str) and TOKEN not in (a.description or "") for a in artifacts)
 
