@@ -3,7 +3,7 @@ answers to a sample) against plain `generate`, in one call on one GPU (issue 17)
 
 Run on the GPU machine (see ../shared/gpu/README.md), from the project root:
 
-    source .gpu/on-device.sh
+    source .gpu/on-device.sh && source bench/gpu_env.sh
     python bench/eval_gpu.py --data .gpu/alpaca_en_demo.json --out $OUT [--prompts 512] [--new-tokens 128]
 
 It builds the random-weight Llama-3.2-1B-shaped model of bench/train_gpu.py (cached under --work), makes

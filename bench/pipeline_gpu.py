@@ -2,7 +2,7 @@
 
 Run on the GPU machine (see ../shared/gpu/README.md), from the project root:
 
-    source .gpu/on-device.sh
+    source .gpu/on-device.sh && source bench/gpu_env.sh
     python bench/pipeline_gpu.py --data .gpu/alpaca_en_demo.json --out $OUT [--copies 10] [--steps N]
 
 It builds a random-weight Llama-3.2-1B-shaped model on the GPU (bench/train_gpu.py's builder: real

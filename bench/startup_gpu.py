@@ -2,7 +2,7 @@
 
 Run on the GPU machine (see ../shared/gpu/README.md), from the project root:
 
-    source .gpu/on-device.sh
+    source .gpu/on-device.sh && source bench/gpu_env.sh
     python bench/startup_gpu.py --data .gpu/alpaca_en_demo.json --out $OUT [--copies 10] [--steps 20,20,200]
 
 It builds the random-weight Llama-3.2-1B-shaped model of bench/train_gpu.py (cached under --work), writes a

@@ -2,7 +2,7 @@
 
 Run on the GPU machine (see ../shared/gpu/README.md), from the project root:
 
-    source .gpu/on-device.sh
+    source .gpu/on-device.sh && source bench/gpu_env.sh
     python bench/train_gpu.py --shape 1b --data .gpu/alpaca_en_demo.json --out $OUT
     python bench/train_gpu.py --shape 8b --recipes sftflow-unsloth-packed,dense --steps 20 ...
 
