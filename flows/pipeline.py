@@ -93,17 +93,18 @@ def train_stage(config: RunConfig, dataset_version: str, run_id: str) -> RunSumm
     return train_adapter(config=config, dataset_version=dataset_version, run_id=run_id)
 
 
-def evaluate_stage(run_id: str) -> EvalReport:
-    """Evaluate on the gpu pool when its deployment exists (the models load there), else in this process."""
-    if deployment_available("evaluate"):
+def evaluate_stage(run_id: str, on_pool: bool) -> EvalReport:
+    """Evaluate on the gpu pool when its deployment exists (on_pool; the models load there), else in this process."""
+    if on_pool:
         run_on_gpu_pool("evaluate", {"run_id": run_id}, run_id)
         return evaluation_of(run_id)
     return evaluate_adapter(run_id=run_id)
 
 
-def export_stage(run_id: str) -> ExportReport:
-    """Export on the gpu pool when its deployment exists (the merge and the parity check load models), else here."""
-    if deployment_available("export"):
+def export_stage(run_id: str, on_pool: bool) -> ExportReport:
+    """Export on the gpu pool when its deployment exists (on_pool; the merge and the parity check load models),
+    else here."""
+    if on_pool:
         run_on_gpu_pool("export", {"run_id": run_id}, run_id)
         return export_of(run_id)
     return export_model(run_id=run_id)
@@ -118,9 +119,9 @@ def evaluate_and_export(run_id: str) -> tuple[EvalReport, ExportReport]:
     """The evaluation and the export of a trained run: side by side when both run in this process and
     export_beside_evaluation says so, else one after the other. A failed evaluation still lets a running
     export finish before its error is raised."""
-    if deployment_available("evaluate") or deployment_available("export") \
-            or not export_beside_evaluation(run_id, get_run_logger().info):
-        return evaluate_stage(run_id), export_stage(run_id)
+    evaluate_on_pool, export_on_pool = deployment_available("evaluate"), deployment_available("export")
+    if evaluate_on_pool or export_on_pool or not export_beside_evaluation(run_id, get_run_logger().info):
+        return evaluate_stage(run_id, evaluate_on_pool), export_stage(run_id, export_on_pool)
     exporting = export_beside.submit(run_id)
     try:
         evaluation = evaluate_adapter(run_id=run_id)

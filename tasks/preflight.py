@@ -225,9 +225,7 @@ def export_fits_beside_evaluation(model_path: str, config: RunConfig) -> tuple[b
         return False, f"no config.json for {model_path}: memory not estimated"
     need = evaluation_memory(shape, config) + export_memory(shape, config)
     free, device = available_memory(True)
-    if need > free:
-        return False, f"both need about {_gib(need)}, the {device} has {_gib(free)} free"
-    return True, f"both need about {_gib(need)}, the {device} has {_gib(free)} free"
+    return need <= free, f"both need about {_gib(need)}, the {device} has {_gib(free)} free"
 
 
 def check_export_fits(run_dir: Path, model_path: str, config: RunConfig, quants: list[str], log=print) -> dict | None:

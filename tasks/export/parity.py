@@ -102,8 +102,9 @@ def _greedy_gguf(llm, last_logits: np.ndarray, steps: int, theirs: list[int]) ->
     start = llm.n_tokens
     out = [int(np.argmax(last_logits))]
     if len(theirs) > 1 and out[0] == theirs[0]:
-        llm.eval(theirs[: steps - 1])
-        following = np.argmax(np.asarray(llm.scores[start : start + len(theirs[: steps - 1])]), axis=-1)
+        fed = theirs[: steps - 1]
+        llm.eval(fed)
+        following = np.argmax(np.asarray(llm.scores[start : start + len(fed)]), axis=-1)
         for i, token in enumerate(following.tolist()):
             out.append(int(token))
             if token != theirs[i + 1]:
