@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/export.py --shape 1b [--work /tmp/sftflow-export-bench]
     python bench/export.py --shape 1b --data .gpu/alpaca_en_demo.json     # on the GPU machine (bench/gpu_env.sh)
+    python bench/export.py --shape 1b --data .gpu/alpaca_en_demo.json --parity-slots 1   # one check at a time
 
 Builds a random-weight Llama of the shape (bfloat16 safetensors) with the tiny model's tokenizer and
 chat template, a LoRA adapter with random (non-zero) weights, a one-drop dataset from the sample
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--work", default="/tmp/sftflow-export-bench")
     parser.add_argument("--data", help="The Alpaca demo file: build bench/train_gpu.py's model of the shape (GPU).")
+    parser.add_argument("--parity-slots", type=int,
+                        help="Parity checks at once (cores / N llama.cpp threads each); default: the export's choice.")
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -54,6 +57,7 @@ def main() -> None:
     from foundation.workspace import Workspace
     from sftflow.stack import configure_prefect_env
     from tasks.base_model import tiny_model_dir
+    from foundation.stores.runs import RunDir
     from tasks.export.run import ExportSource, export_run
 
     workspace = Workspace.from_env().ensure()
@@ -98,6 +102,11 @@ def main() -> None:
     source = ExportSource(run_config.name, str(model_dir), str(adapter_dir),
                           workspace.datasets.find(report.dataset_version).path("eval"), run_config)
     run_dir = run.root
+    if args.parity_slots:
+        import tasks.export.run as export_module
+
+        cores = os.cpu_count() or 1
+        export_module.parity_slots = lambda job, checks: (args.parity_slots, max(1, cores // args.parity_slots))
     exported = time.monotonic()
     try:
         summary = export_run(run, source, workspace, log=lambda *a: print(*a, file=sys.stderr)).dump()
@@ -107,7 +116,7 @@ def main() -> None:
         passed, failures = False, [str(exc)[:500]]
     wall = time.monotonic() - exported
     print(json.dumps({"bench": "export", "shape": args.shape, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                      "cpus": os.cpu_count(), "passed": passed, "failures": failures, "wall_s": round(wall, 1),
+                      "cpus": os.cpu_count(), "parity_slots": args.parity_slots or "auto", "passed": passed, "failures": failures, "wall_s": round(wall, 1),
                       "build_model_s": round(build_s, 1), "timings": summary.get("timings"),
                       "bytes": summary.get("bytes"), "parity": summary.get("parity")}))
 

@@ -2,13 +2,16 @@
 
 The HF side of the check (each prompt's logits and its greedy continuation) is the same for every GGUF of an
 export, so `HfReference` computes it once, on the model's device (the GPU when the export has one), and the
-GGUF files (f16, each quant, the LoRA, the control) are compared with it one after the other, each as soon as
-its file is written (tasks/export/run.py `convert_and_check`).
+GGUF files (f16, each quant, the LoRA, the control) are compared with it, several at once when the machine
+has the cores, each check on its own share of them, so that a check never waits for another (on 16 cores the
+1B export took the same time either way: 44.6 s with 4 checks on 4 threads, 43.1 s with one check at a time on
+16; bench/RESULTS.md, issue 17 session 23).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,14 +34,15 @@ class HfAnswer:
 
 
 class HfReference:
-    """The HF model's side of the parity check, computed once per prompt and kept while it fits (every GGUF's
-    check reads it)."""
+    """The HF model's side of the parity check, computed once per prompt and kept while it fits; checks on
+    several threads share it (one computes an answer at a time)."""
 
     def __init__(self, hf_model, tokenizer, prompts: list[str], greedy_tokens: int):
         self.model, self.tokenizer, self.prompts, self.greedy_tokens = hf_model, tokenizer, prompts, greedy_tokens
         self.device = next(hf_model.parameters()).device
         self._kept: dict[int, HfAnswer] = {}
         self._kept_bytes = 0
+        self._lock = threading.Lock()
         self._width: int | None = None
 
     def __len__(self) -> int:
@@ -46,12 +50,17 @@ class HfReference:
 
     def width(self) -> int:
         """The context a GGUF needs for the longest prompt and its continuation (the prompts tokenized once)."""
-        if self._width is None:
-            self._width = max(len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in self.prompts) \
-                + self.greedy_tokens + 8
-        return self._width
+        with self._lock:
+            if self._width is None:
+                self._width = max(len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in self.prompts) \
+                    + self.greedy_tokens + 8
+            return self._width
 
     def answer(self, i: int) -> HfAnswer:
+        with self._lock:
+            return self._answer(i)
+
+    def _answer(self, i: int) -> HfAnswer:
         if i in self._kept:
             return self._kept[i]
         import torch
@@ -118,12 +127,12 @@ def _compare(theirs, ours: np.ndarray) -> tuple[float, float]:
     return float(kl), float(top1)
 
 
-def parity(gguf: Path, reference: HfReference, lora: Path | None = None) -> Parity:
+def parity(gguf: Path, reference: HfReference, lora: Path | None = None, threads: int | None = None) -> Parity:
     """Compare a GGUF (optionally with a GGUF LoRA) with the HF model on the reference's prompts, with llama.cpp
-    on all cores."""
+    on `threads` cores (default: all)."""
     import llama_cpp
 
-    threads = os.cpu_count() or 1
+    threads = threads or os.cpu_count() or 1
     llm = llama_cpp.Llama(str(gguf), lora_path=str(lora) if lora else None, n_ctx=max(512, reference.width()),
                           logits_all=True, verbose=False, n_threads=threads, n_threads_batch=threads, seed=0)
     ids_equal, kls, top1, greedy_same = 0, [], [], 0

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,6 +111,21 @@ def merge(job: ExportJob) -> HfReference:
     return HfReference(model, tokenizer, prompts, job.config.greedy_tokens)
 
 
+def parity_slots(job: ExportJob, checks: int) -> tuple[int, int]:
+    """(checks at once, llama.cpp threads each): a share of at least 4 cores each, as many as the RAM holds
+    the largest GGUF (the f16) for; one check on every core on a small machine."""
+    import psutil
+
+    from tasks.preflight import read_shape
+
+    cores = os.cpu_count() or 1
+    shape = read_shape(job.source.model_path)
+    f16_bytes = shape.params * 2 if shape else 1
+    fit = max(1, int(psutil.virtual_memory().available * 0.5) // f16_bytes)
+    workers = max(1, min(checks, cores // 4, fit))
+    return workers, max(1, cores // workers)
+
+
 def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], dict[str, Parity], list[str]]:
     """Every GGUF into `out` (by kind: the quants, then lora), each checked against the HF model as soon as it
     is written, and the control (the base's f16 GGUF, beside the run; it must fail).
@@ -117,13 +133,12 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
     The base's f16 (the control) and the LoRA GGUF need no merge: their converters (separate processes, mostly
     single-threaded) start first and run while the adapter is merged. The merged f16 is converted once the
     merge is saved, each quant is made from it in turn (llama.cpp's quantiser, all cores), and each file's
-    parity check is queued once the file and the HF side are there, beside all of that: one check at a time,
-    on all cores (on 16 cores as fast as four at once on four each, bench/RESULTS.md, issue 17 session 23;
-    one GGUF in memory at a time, and the last file's check, on the critical path, gets every core)."""
+    parity check starts once the file and the HF side are there, beside all of that (`parity_slots`)."""
     tool_log = job.run.export_log
     model_name = gguf_model_name(job.source.config.model.name)
     control = job.run.control_gguf
     kinds = [*job.quants, *(["lora"] if job.config.lora_gguf else []), "control_base_f16"]
+    workers, threads = parity_slots(job, len(kinds))
     checked: dict[str, Future] = {}
     reference: Future = Future()  # the HF side, once the merge is done
 
@@ -135,7 +150,7 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
 
     def check(kind: str, gguf: Path, lora: Path | None = None) -> Parity:
         hf = reference.result()
-        return timed(f"parity_{kind}_s", lambda: parity(gguf, hf, lora=lora))
+        return timed(f"parity_{kind}_s", lambda: parity(gguf, hf, lora=lora, threads=threads))
 
     def control_and_its_check() -> Path:
         made = timed("convert_control_s", lambda: convert_to_gguf(
@@ -152,7 +167,7 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
         return made
 
     try:
-        with ThreadPoolExecutor(max_workers=1) as checks, ThreadPoolExecutor(max_workers=2) as converters:
+        with ThreadPoolExecutor(max_workers=workers) as checks, ThreadPoolExecutor(max_workers=2) as converters:
             made_control = converters.submit(control_and_its_check)
             made_lora = converters.submit(lora_and_its_check) if job.config.lora_gguf else None
             try:
