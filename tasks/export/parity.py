@@ -3,9 +3,10 @@
 The HF side of the check (each prompt's logits and its greedy continuation) is the same for every GGUF of an
 export, so `HfReference` computes it once, on the model's device (the GPU when the export has one), and the
 GGUF files (f16, each quant, the LoRA, the control) are compared with it, several at once when the machine
-has the cores, each check on its own share of them, so that a check never waits for another (on 16 cores the
-1B export took the same time either way: 44.6 s with 4 checks on 4 threads, 43.1 s with one check at a time on
-16; bench/RESULTS.md, issue 17 session 23).
+has the cores, each check on its own share of them, so that a check never waits for another: alone, the 1B
+export took the same time either way on 16 cores (44.6 s with 4 checks on 4 threads, 43.1 s one at a time on
+16), and in the pipeline one at a time queued the quants' checks behind the slower control and LoRA ones
+(bench/RESULTS.md, issue 17 session 23).
 """
 
 from __future__ import annotations
