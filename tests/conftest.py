@@ -103,7 +103,7 @@ def subflow_runs(flow_run_id, nested: bool = False) -> list[tuple[str, object]]:
         flows = {f.id: f.name for f in client.read_flows()}
         while parents:
             children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=parents))
-            runs = _all_pages(lambda offset: client.read_flow_runs(flow_run_filter=children, offset=offset))
+            runs = all_pages(lambda offset: client.read_flow_runs(flow_run_filter=children, offset=offset))
             found += [(flows[r.flow_id], r) for r in runs]
             parents = [r.id for r in runs] if nested else []
     return found
@@ -119,14 +119,14 @@ def logs_and_artifacts(flow_run_id) -> tuple[list, list]:
     APILogHandler().flush()
     runs = [flow_run_id, *(run.id for _, run in subflow_runs(flow_run_id, nested=True))]
     with get_client(sync_client=True) as client:
-        logs = _all_pages(lambda offset: client.read_logs(
+        logs = all_pages(lambda offset: client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=runs)), offset=offset))
-        artifacts = _all_pages(lambda offset: client.read_artifacts(
+        artifacts = all_pages(lambda offset: client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs)), offset=offset))
     return logs, artifacts
 
 
-def _all_pages(read, page: int = 200) -> list:
+def all_pages(read, page: int = 200) -> list:
     """Every item of a Prefect read whose server returns at most `page` (PREFECT_API_DEFAULT_LIMIT) per call."""
     items = []
     while True:

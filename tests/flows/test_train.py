@@ -91,9 +91,12 @@ def _loss_curves(run_id: str) -> list:
     """The versions of the loss-curve artifact of one run, oldest first."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
+    # the newest 200 (a read returns at most 200, by default in random id order: the session's runs made more)
     with get_client(sync_client=True) as client:
-        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["loss-curve"])))
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["loss-curve"])),
+                                         sort=ArtifactSort.CREATED_DESC)
     return sorted((a for a in versions if f"`{run_id}`" in a.data), key=lambda a: a.created)
 
 
@@ -159,6 +162,7 @@ def test_evaluation_scores_base_and_candidate_and_decides(workspace, two_drop_da
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from flows.evaluate import evaluate_adapter
 
@@ -174,19 +178,15 @@ def test_evaluation_scores_base_and_candidate_and_decides(workspace, two_drop_da
     saved = json.loads((workspace.runs_dir / run.run_id / "eval.json").read_text())
     assert saved["scores"] == result.scores and len(saved["answers"]["candidate"]) == 16
 
-    async def artifacts():
+    async def newest(key: str) -> list:  # a read returns at most 200, by default in random id order
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation"])))
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                               sort=ArtifactSort.CREATED_DESC)
 
-    table = asyncio.run(artifacts())[0]
+    table = next(a for a in asyncio.run(newest("evaluation")) if a.description.startswith(f"{run.run_id}:"))
     assert table.type == "table" and "candidate" in str(table.data)
 
-    async def samples():
-        async with get_client() as client:
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-samples"])))
-
-    [table] = [a for a in asyncio.run(samples()) if run.run_id in a.description]
+    [table] = [a for a in asyncio.run(newest("evaluation-samples")) if run.run_id in a.description]
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert table.type == "table" and len(rows) == 16
     assert [list(r) for r in rows] == [["prompt", "reference", "base", "candidate"]] * 16

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLE_DROPS, free_port, pid_alive, proc_stat
+from tests.conftest import ROOT, SAMPLE_DROPS, all_pages, free_port, pid_alive, proc_stat
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -47,12 +47,16 @@ class Api:
         self.api_url = api_url
 
     def flow_runs(self) -> list[dict]:
+        from prefect.client.schemas.sorting import FlowRunSort
+
         with self._client() as client:
             flows = {f.id: f.name for f in client.read_flows()}
             return [{"id": str(r.id), "flow": flows[r.flow_id], "state": r.state_type.value if r.state_type else None,
                      "pool": r.work_pool_name, "parent_task_run_id": r.parent_task_run_id,
                      "parameters": r.parameters, "deployment_id": r.deployment_id}
-                    for r in client.read_flow_runs(limit=200)]
+                    # every run, page by page, oldest first (runs created meanwhile land on the last page)
+                    for r in all_pages(lambda offset: client.read_flow_runs(
+                        sort=FlowRunSort.EXPECTED_START_TIME_ASC, offset=offset))]
 
     @contextlib.contextmanager
     def _client(self):
@@ -69,10 +73,12 @@ class Api:
 
     def latest_artifact_id(self, key: str) -> str:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+        from prefect.client.schemas.sorting import ArtifactSort
 
         with self._client() as client:
-            versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-            return str(max(versions, key=lambda a: a.created).id)
+            [newest] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                             sort=ArtifactSort.CREATED_DESC, limit=1)
+            return str(newest.id)
 
     def deployment_crons(self, name: str) -> list[str]:
         with self._client() as client:
