@@ -80,12 +80,14 @@ class GpuSampler(threading.Thread):
 def stage_times(pipeline_run_id) -> list[dict]:
     """Start/end of the pipeline run and of each subflow, from the Prefect API."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
+    # filtered by the server (a read returns at most 200 runs, in random id order by default)
+    pipeline = FlowRunFilter(id=FlowRunFilterId(any_=[pipeline_run_id]))
+    children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[pipeline_run_id]))
     with get_client(sync_client=True) as client:
         flows = {f.id: f.name for f in client.read_flows()}
-        runs = client.read_flow_runs(limit=100)
-        tasks = {t.id for t in client.read_task_runs() if t.flow_run_id == pipeline_run_id}
-    stages = [r for r in runs if r.id == pipeline_run_id or r.parent_task_run_id in tasks]
+        stages = client.read_flow_runs(flow_run_filter=pipeline) + client.read_flow_runs(flow_run_filter=children)
     return sorted(({"flow": flows[r.flow_id], "start": r.start_time.timestamp(), "end": r.end_time.timestamp(),
                     "seconds": round((r.end_time - r.start_time).total_seconds(), 1), "state": r.state_name}
                    for r in stages if r.start_time and r.end_time), key=lambda s: s["start"])
