@@ -420,8 +420,11 @@ class Parity(Artifact):
     token_ids_equal: float
     kl: float
     top1: float
-    greedy_match: float
+    greedy_match: float | None  # None: not computed (the control, when the other figures already decide)
     passed: bool | None = None  # the control (the base without the adapter) has no thresholds
+
+    def greedy_text(self) -> str:
+        return "-" if self.greedy_match is None else f"{self.greedy_match:.3f}"
 
 
 class ExportReport(Artifact):

@@ -359,7 +359,7 @@ def export(
         _fail(exc)
     lines = [f"exported {run}: {result.gguf_dir}"]
     for kind, p in result.parity.items():
-        lines.append(f"  {kind:<17} KL {p.kl:.2e}  top-1 {p.top1:.3f}  greedy {p.greedy_match:.3f}  "
+        lines.append(f"  {kind:<17} KL {p.kl:.2e}  top-1 {p.top1:.3f}  greedy {p.greedy_text()}  "
                      f"ids {'equal' if p.token_ids_equal == 1 else 'DIFFER'}")
     if ollama is None:
         _emit(result, as_json, "\n".join(lines))

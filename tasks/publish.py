@@ -68,7 +68,7 @@ def _gguf_section(exported: ExportReport | None) -> str:
     for kind, path in exported.files.items():
         p = exported.parity[kind]
         rows.append(f"| gguf/{Path(path).name} | {exported.bytes[kind]} | {p.kl:.2e} | {p.top1:.3f} | "
-                    f"{p.greedy_match:.3f} |")
+                    f"{p.greedy_text()} |")
     control = exported.parity["control_base_f16"]
     q = Path(exported.files[smallest([k for k in exported.files if k in QUANT_NAMES])]).name
     return (

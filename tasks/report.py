@@ -291,7 +291,7 @@ def pipeline_text(summary: PipelineSummary) -> str:
         lines.append(f"  decision: {'promote' if evaluation.decision.promote else 'keep'} "
                      f"({evaluation.decision.reason})")
     for kind, p in (summary.gguf.parity if summary.gguf else {}).items():
-        lines.append(f"  gguf {kind:<17} KL {p.kl:.1e}  top-1 {p.top1:.3f}  greedy {p.greedy_match:.3f}")
+        lines.append(f"  gguf {kind:<17} KL {p.kl:.1e}  top-1 {p.top1:.3f}  greedy {p.greedy_text()}")
     if published := summary.published:
         lines.append(f"\npublished {published.name} {published.version} "
                      f"({'champion' if published.promoted else 'not promoted'}): {published.path}")

@@ -53,7 +53,7 @@ def test_family_round_trip(family, llama_tools, tmp_path):
 
     from schemas.quants import BY_NAME
     from tasks.export.convert import convert_to_gguf, quantize
-    from tasks.export.parity import HfReference, check_thresholds, parity
+    from tasks.export.parity import HfReference, check_thresholds, control_parity, parity
 
     row, model_dir = family
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -98,6 +98,10 @@ def test_family_round_trip(family, llama_tools, tmp_path):
     # weights give near-uniform logits whose top-1 flips under 8-bit rounding
     reference = HfReference(model, tokenizer, [prompt], greedy_tokens=8)
     assert check_thresholds(parity(gguf, reference), BY_NAME["f16"].thresholds) == []
+    # a control check decodes its greedy continuation only when the other figures leave its verdict open
+    assert control_parity(gguf, reference, {"min_top1": 1.01}).greedy_match is None  # top-1 misses already
+    decoded = control_parity(gguf, reference, BY_NAME["f16"].thresholds).greedy_match  # the f16 passes the rest
+    assert decoded is not None and decoded == parity(gguf, reference).greedy_match
     q8 = quantize(gguf, tmp_path / "q8_0.gguf", "q8_0")
     assert check_thresholds(parity(q8, reference), BY_NAME["q8_0"].thresholds) == []
 

@@ -39,7 +39,9 @@ from tasks.export.convert import (
 )
 from tasks.engines.chat_format import chat_format, stop_tokens
 from tasks.export.modelfile import ollama_modelfile
-from tasks.export.parity import HfReference, check_thresholds, gguf_adds_bos, parity, parity_prompts
+from tasks.export.parity import (
+    HfReference, check_thresholds, control_parity, gguf_adds_bos, parity, parity_prompts,
+)
 from tasks.export.tools import LLAMA_CPP_PYTHON, llama_cpp_tools
 from tasks.preflight import check_export_fits, export_fits_beside_evaluation
 
@@ -152,11 +154,16 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
         hf = reference.result()
         return timed(f"parity_{kind}_s", lambda: parity(gguf, hf, lora=lora, threads=threads))
 
+    def check_control() -> Parity:  # its greedy part only when KL and top-1 leave the verdict open
+        hf = reference.result()
+        return timed("parity_control_base_f16_s", lambda: control_parity(
+            control, hf, job.config.thresholds["f16"], threads=threads))
+
     def control_and_its_check() -> Path:
         made = timed("convert_control_s", lambda: convert_to_gguf(
             job.tools, Path(job.source.model_path), control, tool_log, model_name))
         # the base without the adapter must be clearly worse, or the check proves nothing
-        checked["control_base_f16"] = checks.submit(check, "control_base_f16", control)
+        checked["control_base_f16"] = checks.submit(check_control)
         return made
 
     def lora_and_its_check() -> Path:

@@ -317,6 +317,8 @@ def test_export_gguf_parity_control_and_publish_with_gguf(workspace, two_drop_da
     # the control (base without the adapter) is clearly worse than every export
     assert parity["control_base_f16"].kl > 100 * parity["q4_k_m"].kl
     assert check_thresholds(parity["control_base_f16"], config.export.thresholds["f16"])
+    # ... which its KL alone shows: its greedy continuation (token by token: it parts at once) was not decoded
+    assert parity["control_base_f16"].greedy_match is None
     # each file loads in its real consumer and generates
     llm = llama_cpp.Llama(result.files["q4_k_m"], n_ctx=256, verbose=False)
     assert llm.create_completion("What is 2 + 2?", max_tokens=4, temperature=0)["choices"][0]["text"] is not None
