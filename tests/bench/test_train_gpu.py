@@ -39,10 +39,10 @@ def test_the_bench_data_is_tokenized_as_the_pipeline_tokenizes_it(bench, tiny_mo
 
     import pyarrow.parquet as pq
 
-    from tests.conftest import ROOT
+    from tests.conftest import shared_dataset
 
     data = tmp_path / "alpaca.json"
-    rows = json.loads((ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json").read_text())[:40]
+    rows = json.loads(shared_dataset("alpaca_en_demo.json").read_text())[:40]
     data.write_text(json.dumps(rows))
     out = bench.build_tokenized(tiny_model, data, 2, tmp_path / "work")
     table = pq.read_table(out / "train.parquet")

@@ -22,8 +22,9 @@ def _subflows(flow_run_id) -> list[str]:
 
 def _overlap(flow_run_id, first: str, second: str) -> bool:
     """Whether the subflow runs `first` and `second` of a flow run (one each) ran at the same time."""
-    [a] = [run for name, run in subflow_runs(flow_run_id) if name == first]
-    [b] = [run for name, run in subflow_runs(flow_run_id) if name == second]
+    runs = subflow_runs(flow_run_id)
+    [a] = [run for name, run in runs if name == first]
+    [b] = [run for name, run in runs if name == second]
     return a.start_time < b.end_time and b.start_time < a.end_time
 
 
