@@ -3,6 +3,7 @@
     .venv/bin/python bench/export.py --shape 1b [--work /tmp/sftflow-export-bench]
     python bench/export.py --shape 1b --data .gpu/alpaca_en_demo.json     # on the GPU machine (bench/gpu_env.sh)
     python bench/export.py --shape 1b --data .gpu/alpaca_en_demo.json --parity-slots 1   # one check at a time
+    .venv/bin/python bench/export.py --shape 1b --merge-dtype float16   # export.merge_dtype (default bfloat16)
 
 Builds a random-weight Llama of the shape (bfloat16 safetensors) with the tiny model's tokenizer and
 chat template, a LoRA adapter with random (non-zero) weights, a one-drop dataset from the sample
@@ -43,6 +44,8 @@ def main() -> None:
     parser.add_argument("--data", help="The Alpaca demo file: build bench/train_gpu.py's model of the shape (GPU).")
     parser.add_argument("--parity-slots", type=int,
                         help="Parity checks at once (cores / N llama.cpp threads each); default: the export's choice.")
+    parser.add_argument("--merge-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                        help="export.merge_dtype (the dtype the base is reloaded in to merge the adapter).")
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -57,7 +60,6 @@ def main() -> None:
     from foundation.workspace import Workspace
     from sftflow.stack import configure_prefect_env
     from tasks.base_model import tiny_model_dir
-    from foundation.stores.runs import RunDir
     from tasks.export.run import ExportSource, export_run
 
     workspace = Workspace.from_env().ensure()
@@ -98,7 +100,7 @@ def main() -> None:
     report = ingest_drop(paths=[str(ROOT / "data" / "drops" / "arithmetic")], drop_id="bench")
     run = workspace.runs.create("export-bench")
     run_config = RunConfig.model_validate({"name": f"llama-{args.shape}", "model": {"name": str(model_dir)},
-                                           "export": {"merge_dtype": "bfloat16", "parity_prompts": 4, "greedy_tokens": 8}})
+                                           "export": {"merge_dtype": args.merge_dtype, "parity_prompts": 4, "greedy_tokens": 8}})
     source = ExportSource(run_config.name, str(model_dir), str(adapter_dir),
                           workspace.datasets.find(report.dataset_version).path("eval"), run_config)
     run_dir = run.root
@@ -116,7 +118,8 @@ def main() -> None:
         passed, failures = False, [str(exc)[:500]]
     wall = time.monotonic() - exported
     print(json.dumps({"bench": "export", "shape": args.shape, "device": "cuda" if torch.cuda.is_available() else "cpu",
-                      "cpus": os.cpu_count(), "parity_slots": args.parity_slots or "auto", "passed": passed, "failures": failures, "wall_s": round(wall, 1),
+                      "cpus": os.cpu_count(), "parity_slots": args.parity_slots or "auto", "merge_dtype": args.merge_dtype,
+                      "passed": passed, "failures": failures, "wall_s": round(wall, 1),
                       "build_model_s": round(build_s, 1), "timings": summary.get("timings"),
                       "bytes": summary.get("bytes"), "parity": summary.get("parity")}))
 

@@ -42,11 +42,12 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def start(command: list[str], log: Path, env: dict[str, str], stdout=None, cwd: Path = PROJECT_DIR) -> subprocess.Popen:
+def start(command: list[str], log: Path, env: dict[str, str], stdout=None, cwd: Path = PROJECT_DIR,
+          stdin=None) -> subprocess.Popen:
     """Start a child that dies with this process; stderr (and stdout unless piped) go to `log`."""
     with open(log, "a") as fh:
         return subprocess.Popen(
-            command, stdout=stdout or fh, stderr=fh, text=True, env=env, cwd=cwd,
+            command, stdin=stdin, stdout=stdout or fh, stderr=fh, text=True, env=env, cwd=cwd,
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
 

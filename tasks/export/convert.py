@@ -10,7 +10,7 @@ from pathlib import Path
 from foundation.atomic import staged_dir
 from schemas.quants import BY_NAME
 from tasks.export import ExportError
-from tasks.export.tools import run_tool
+from tasks.export.tools import ToolAhead, run_tool
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
@@ -51,10 +51,18 @@ def gguf_model_name(model_name: str) -> str:
     return Path(model_name.rstrip("/")).name
 
 
-def convert_to_gguf(tools: Path, model_dir: Path, out_file: Path, log: Path, model_name: str) -> Path:
-    """An f16 GGUF of a model directory, named `model_name` (see gguf_model_name)."""
-    run_tool(tools, "convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out_file), "--outtype", "f16",
-                                              "--model-name", model_name], log)
+CONVERT_HF = "convert_hf_to_gguf.py"
+
+
+def convert_to_gguf(tools: Path, model_dir: Path, out_file: Path, log: Path, model_name: str,
+                    ahead: ToolAhead | None = None) -> Path:
+    """An f16 GGUF of a model directory, named `model_name` (see gguf_model_name); with `ahead`, by that
+    converter started ahead (its imports already paid)."""
+    args = [str(model_dir), "--outfile", str(out_file), "--outtype", "f16", "--model-name", model_name]
+    if ahead:
+        ahead.run(args)
+    else:
+        run_tool(tools, CONVERT_HF, args, log)
     return out_file
 
 

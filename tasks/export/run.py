@@ -30,6 +30,7 @@ from schemas.config import ExportConfig, RunConfig
 from schemas.quants import in_export_order, smallest
 from tasks.export import ExportError
 from tasks.export.convert import (
+    CONVERT_HF,
     convert_lora_to_gguf,
     convert_to_gguf,
     export_device,
@@ -42,7 +43,7 @@ from tasks.export.modelfile import ollama_modelfile
 from tasks.export.parity import (
     HfReference, check_thresholds, control_parity, gguf_adds_bos, parity, parity_prompts,
 )
-from tasks.export.tools import LLAMA_CPP_PYTHON, llama_cpp_tools
+from tasks.export.tools import LLAMA_CPP_PYTHON, ToolAhead, llama_cpp_tools
 from tasks.preflight import check_export_fits, export_fits_beside_evaluation
 
 
@@ -133,9 +134,10 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
     is written, and the control (the base's f16 GGUF, beside the run; it must fail).
 
     The base's f16 (the control) and the LoRA GGUF need no merge: their converters (separate processes, mostly
-    single-threaded) start first and run while the adapter is merged. The merged f16 is converted once the
-    merge is saved, each quant is made from it in turn (llama.cpp's quantiser, all cores), and each file's
-    parity check starts once the file and the HF side are there, beside all of that (`parity_slots`)."""
+    single-threaded) start first and run while the adapter is merged. The merged f16's converter starts then
+    too, imports its libraries and waits (`ToolAhead`); it converts once the merge is saved, each quant is
+    made from it in turn (llama.cpp's quantiser, all cores), and each file's parity check starts once the
+    file and the HF side are there, beside all of that (`parity_slots`)."""
     tool_log = job.run.export_log
     model_name = gguf_model_name(job.source.config.model.name)
     control = job.run.control_gguf
@@ -174,7 +176,8 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
         return made
 
     try:
-        with ThreadPoolExecutor(max_workers=workers) as checks, ThreadPoolExecutor(max_workers=2) as converters:
+        with (ThreadPoolExecutor(max_workers=workers) as checks, ThreadPoolExecutor(max_workers=2) as converters,
+              ToolAhead(job.tools, CONVERT_HF, tool_log) as merged_converter):
             made_control = converters.submit(control_and_its_check)
             made_lora = converters.submit(lora_and_its_check) if job.config.lora_gguf else None
             try:
@@ -184,7 +187,7 @@ def convert_and_check(job: ExportJob, out: Path, log) -> tuple[dict[str, Path], 
                 raise
             merged = time.monotonic()
             files = {"f16": timed("convert_s", lambda: convert_to_gguf(
-                job.tools, job.run.merged_dir, out / f"{job.name}-f16.gguf", tool_log, model_name))}
+                job.tools, job.run.merged_dir, out / f"{job.name}-f16.gguf", tool_log, model_name, merged_converter))}
             checked["f16"] = checks.submit(check, "f16", files["f16"])
             for quant in job.quants[1:]:
                 files[quant] = timed(f"quantize_{quant}_s",

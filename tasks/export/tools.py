@@ -7,6 +7,7 @@ extracted once into the model cache.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tarfile
@@ -59,12 +60,59 @@ def llama_cpp_tools(workspace: Workspace) -> Path:
     return tools
 
 
-def run_tool(tools: Path, script: str, args: list[str], log: Path) -> None:
-    """Run one of llama.cpp's scripts with its own gguf-py; ExportError with the log's tail if it fails."""
-    env = processes.child_env(pythonpath=[tools / "gguf-py", tools])
-    returncode = processes.run([sys.executable, str(tools / script), *args], log, env, cwd=tools)
+def _env(tools: Path) -> dict[str, str]:
+    return processes.child_env(pythonpath=[tools / "gguf-py", tools])
+
+
+def _check(script: str, returncode: int, log: Path) -> None:
     if returncode != 0:
         raise ExportError(f"{script} failed (exit {returncode}):\n{processes.log_tail(log, 10)}")
+
+
+def run_tool(tools: Path, script: str, args: list[str], log: Path) -> None:
+    """Run one of llama.cpp's scripts with its own gguf-py; ExportError with the log's tail if it fails."""
+    _check(script, processes.run([sys.executable, str(tools / script), *args], log, _env(tools), cwd=tools), log)
+
+
+# A script started ahead imports its module (torch, transformers, gguf: seconds), then waits for its arguments
+# on stdin and runs its main(); an empty stdin ends it unrun.
+_AHEAD = """import json, sys
+import {module} as tool
+from transformers import AutoConfig  # the converter reads the model's config with it: imported ahead too
+line = sys.stdin.readline()
+if not line:
+    sys.exit(0)
+sys.argv = [{script!r}, *json.loads(line)]
+tool.main()
+"""
+
+
+class ToolAhead:
+    """One of llama.cpp's scripts that has a main() (`convert_hf_to_gguf.py`), started before its input is
+    ready so that its imports are paid while the caller makes that input: `run(args)` runs it then, as
+    `run_tool` would; leaving the `with` block without running it ends it."""
+
+    def __init__(self, tools: Path, script: str, log: Path):
+        self.script, self.log = script, log
+        code = _AHEAD.format(module=Path(script).stem, script=str(tools / script))
+        self.process = processes.start([sys.executable, "-c", code], log, _env(tools), cwd=tools,
+                                       stdin=subprocess.PIPE)
+
+    def run(self, args: list[str]) -> None:
+        try:
+            self.process.stdin.write(json.dumps(args) + "\n")
+            self.process.stdin.close()
+        except BrokenPipeError:  # it ended early (an import failed): its exit status and log say why
+            pass
+        _check(self.script, self.process.wait(), self.log)
+
+    def __enter__(self) -> "ToolAhead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 if __name__ == "__main__":  # fetch, verify and extract the tools (make does this)
