@@ -123,6 +123,42 @@ def test_bad_arrow_files_keep_their_good_rows_and_name_the_problem(tmp_path):
     assert record.reasons == ("unreadable_file",) and "Feather v1; re-save it as Feather v2" in record.details
 
 
+def test_a_parquet_file_that_breaks_off_names_the_rows_its_footer_counts(tmp_path):
+    path = tmp_path / "cut.parquet"
+    pq.write_table(pa.Table.from_pylist([qa(i) for i in range(30)]), path, row_group_size=10, compression="zstd")
+    chunk = pq.ParquetFile(path).metadata.row_group(2).column(0)
+    data = bytearray(path.read_bytes())
+    end = chunk.data_page_offset + chunk.total_compressed_size
+    data[end - 12 : end - 2] = b"\xab" * 10  # the last row group's pages, not the footer
+    path.write_bytes(bytes(data))
+    records = list(iter_file_records(str(path), 4))
+    assert [r.value for r in records[:-1]] == [qa(i) for i in range(20)]
+    assert records[-1].reasons == ("unreadable_file",) and records[-1].source_row == 21
+    assert records[-1].details.startswith("Parquet file unreadable after 20 rows of the 30 its footer counts: ")
+    assert "\n" not in records[-1].details
+
+
+def test_rows_that_decode_to_more_memory_than_there_is_name_the_fix(tmp_path, monkeypatch):
+    """What pyarrow raises when a batch cannot be allocated (a value repeated over many rows of a
+    dictionary-encoded column decodes to gigabytes: 40 rows of 200 MB in a 7 KB file)."""
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([qa(i) for i in range(30)]), path, row_group_size=10)
+    real = pq.ParquetFile.iter_batches
+
+    def first_batch_then_out_of_memory(self, *args, **kwargs):
+        yield next(real(self, *args, **kwargs))
+        raise pa.ArrowMemoryError("realloc of size 6710886400 failed")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", first_batch_then_out_of_memory)
+    records = list(iter_file_records(str(path), 10))
+    assert [r.value for r in records[:-1]] == [qa(i) for i in range(10)]
+    details = records[-1].details
+    assert records[-1].reasons == ("unreadable_file",)
+    assert details.startswith("Parquet file unreadable after 10 rows of the 30 its footer counts: decoding the next "
+                              "rows needs more memory than there is (realloc of size 6710886400 failed)")
+    assert "split the file into smaller ones or remove the long cells" in details
+
+
 # ----------------------------------------------------------------------- datasets' save_to_disk
 
 

@@ -13,7 +13,11 @@ from tasks.ingest.readers.record_batches import batch_records
 
 
 def read_parquet(fh: io.BufferedIOBase, batch_rows: int) -> Iterator[RawRecord]:
-    def batches() -> Iterator[pa.RecordBatch]:  # opened lazily, so a corrupt footer is a row of its own
-        yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_rows)
+    footer: dict[str, int] = {}
 
-    return batch_records(batches(), batch_rows, "Parquet")
+    def batches() -> Iterator[pa.RecordBatch]:  # opened lazily, so a corrupt footer is a row of its own
+        parquet = pq.ParquetFile(fh)
+        footer["rows"] = parquet.metadata.num_rows  # named when the file breaks off: the rows not read
+        yield from parquet.iter_batches(batch_size=batch_rows)
+
+    return batch_records(batches(), batch_rows, "Parquet", lambda: footer.get("rows"))

@@ -9,7 +9,7 @@ objects) is quarantined as `too_long` without being converted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,9 +19,11 @@ import pyarrow.compute as pc
 from tasks.ingest.readers.raw import EXCERPT_BYTES, RawRecord, dump_raw, max_record_bytes, too_long
 
 
-def batch_records(batches: Iterator[pa.RecordBatch], batch_rows: int, file_kind: str) -> Iterator[RawRecord]:
+def batch_records(batches: Iterator[pa.RecordBatch], batch_rows: int, file_kind: str,
+                  rows_in_file: Callable[[], int | None] = lambda: None) -> Iterator[RawRecord]:
     """Every row of `batches` (a lazy iterator: reading the file happens while it is consumed), numbered
-    from 1. A read error becomes one last `unreadable_file` row naming `file_kind` and the rows read."""
+    from 1. A read error becomes one last `unreadable_file` row naming `file_kind`, the rows read and, when
+    `rows_in_file` knows it (a Parquet footer), how many the file has."""
     index = 0
     cap = max_record_bytes()
     try:
@@ -44,11 +46,19 @@ def batch_records(batches: Iterator[pa.RecordBatch], batch_rows: int, file_kind:
                         yield value._replace(source_row=index)
                     else:
                         yield RawRecord(index, dump_raw(value), value)
-    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # corrupt pages, footer or schema names
-        index += 1
-        yield RawRecord(
-            index, "", None, ("unreadable_file",), f"{file_kind} file unreadable after {index - 1} rows: {exc}"
-        )
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # corrupt pages, footer or schema names;
+        index += 1  # and pa.ArrowMemoryError: rows that decode to more memory than there is
+        yield RawRecord(index, "", None, ("unreadable_file",), _unreadable(file_kind, index - 1, rows_in_file(), exc))
+
+
+def _unreadable(file_kind: str, read: int, total: int | None, exc: Exception) -> str:
+    rows = f"{read:,} rows" + (f" of the {total:,} its footer counts" if total is not None else "")
+    said = " ".join(str(exc).split())  # one line: Arrow's messages may hold several
+    if isinstance(exc, MemoryError):
+        return (f"{file_kind} file unreadable after {rows}: decoding the next rows needs more memory than there is "
+                f"({said}); a long cell, or a long value repeated over many rows, decodes to gigabytes: split the "
+                "file into smaller ones or remove the long cells (no conversation over ingest.max_chars is accepted)")
+    return f"{file_kind} file unreadable after {rows}: {said}"
 
 
 def _to_pylist(chunk: pa.RecordBatch) -> list:
