@@ -32,6 +32,7 @@ from tasks.ingest.formats import (
 from tasks.ingest.readers import RawRecord, iter_file_records
 
 DETECT_SAMPLE = 1000  # records read to detect a file's format when it is `auto`
+DETECT_SAMPLE_CHARS = 16 * 2**20  # or fewer: as many as hold this much raw text (1,000 records of 1 MiB: 1 GB)
 
 
 @dataclass
@@ -47,24 +48,33 @@ class StagedDrop:
     quarantine_paths: list[str] = field(default_factory=list)
 
 
+# The most raw text (characters) a staging batch holds; its rows' messages take about as much again. Every later
+# step reads the staged rows a batch at a time, so this bounds them too: `batch_rows` rows of 1 MiB each (a
+# 50,000-line .jsonl.gz of 50 MB holds 50 GB of them, each under the 16 MiB a record may have) would be 100 GB.
+BATCH_RAW_CHARS = 64 * 2**20
+
+
 class _BatchWriter:
-    """Buffers rows (tuples in schema order) and writes them as staging record batches."""
+    """Buffers rows (tuples in schema order, the raw text last) and writes them as staging record batches of
+    `batch_rows` rows or `BATCH_RAW_CHARS` of raw text, whichever comes first."""
 
     def __init__(self, path: Path, schema: pa.Schema, batch_rows: int):
         self.schema, self.batch_rows = schema, batch_rows
         self.rows: list[tuple] = []
+        self.raw_chars = 0
         self.writer = staging.open_writer(path, schema)
 
     def add(self, row: tuple) -> None:
         self.rows.append(row)
-        if len(self.rows) >= self.batch_rows:
+        self.raw_chars += len(row[-1])
+        if len(self.rows) >= self.batch_rows or self.raw_chars >= BATCH_RAW_CHARS:
             self.flush()
 
     def flush(self) -> None:
         if self.rows:
             columns = [pa.array(col, type=f.type) for col, f in zip(zip(*self.rows), self.schema)]
             self.writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self.schema))
-            self.rows = []
+            self.rows, self.raw_chars = [], 0
 
     def close(self) -> None:
         self.flush()
@@ -117,9 +127,11 @@ def _records_with_format(url: str, fmt_option: str, batch_rows: int,
     if fmt_option != "auto":
         return fmt_option, records
     head: list[RawRecord] = []
-    for rec in records:
+    head_chars = 0
+    for rec in records:  # held until the format is known: bounded in records and in raw text
         head.append(rec)
-        if len(head) >= DETECT_SAMPLE:
+        head_chars += len(rec.raw)
+        if len(head) >= DETECT_SAMPLE or head_chars >= DETECT_SAMPLE_CHARS:
             break
     fmt = detect_format(r.value for r in head if not r.reasons)
 

@@ -249,6 +249,32 @@ def test_the_ingest_flow_reads_a_drop_of_gigabyte_lines_in_bounded_memory(tmp_pa
     assert memory.growth < MEMORY_LIMIT, f"grew by {memory.growth / MiB:,.0f} MiB (peak {memory.peak / MiB:,.0f} MiB)"
 
 
+@pytest.mark.slow
+def test_many_long_records_under_the_cap_are_ingested_in_bounded_memory(tmp_path, monkeypatch, prefect_api_url):
+    """Records each under the 16 MiB cap but far over ingest.max_chars, many of them (600 lines of 1 MiB: 600 MiB
+    in a 600 KB .jsonl.gz): read, staged and validated a bounded batch at a time (BATCH_RAW_CHARS), not
+    `batch_rows` rows at once (600 MiB of raw text, as much again as messages, and copies of both)."""
+    from flows.ingest import ingest_drop
+
+    monkeypatch.setenv("SFTFLOW_HOME", str(tmp_path / "home"))
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    good = [json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n" for i in range(5)]
+    with gzip.open(drop / "long.jsonl.gz", "wt", compresslevel=1) as fh:
+        fh.write("".join(good))
+        for i in range(600):
+            fh.write(json.dumps({"instruction": f"Long {i}?", "output": "a" * MiB}) + "\n")
+    pa.default_memory_pool().release_unused()
+    with PeakMemory() as memory:
+        report = ingest_drop(paths=[str(drop)], drop_id="long-lines", config=IngestConfig(max_reject_rate=1.0))
+    assert report.rows_in == 605 and report.accepted == 5 and report.quarantined == 600
+    quarantine = pq.ParquetFile(report.quarantine_path)
+    assert quarantine.metadata.num_rows == 600  # every long row kept whole, with its raw text
+    first = next(quarantine.iter_batches(batch_size=1)).to_pylist()[0]
+    assert first["source_row"] == 6 and len(first["raw"]) > MiB
+    assert memory.growth < MEMORY_LIMIT, f"grew by {memory.growth / MiB:,.0f} MiB (peak {memory.peak / MiB:,.0f} MiB)"
+
+
 def _write_table_with_a_huge_cell(path: str, cell_bytes: int, kind: str) -> None:
     """Written in a child process, so the cell never sits in the memory measured here."""
     code = f"""
