@@ -251,8 +251,8 @@ def test_the_ingest_flow_reads_a_drop_of_gigabyte_lines_in_bounded_memory(tmp_pa
 
 @pytest.mark.slow
 def test_many_long_records_under_the_cap_are_ingested_in_bounded_memory(tmp_path, monkeypatch, prefect_api_url):
-    """Records each under the 16 MiB cap but far over ingest.max_chars, many of them (600 lines of 1 MiB: 600 MiB
-    in a 600 KB .jsonl.gz): read, staged and validated a bounded batch at a time (BATCH_RAW_CHARS), not
+    """Records each under the 16 MiB cap but far over ingest.max_chars, many of them (600 lines of 1 MiB, gzipped
+    into a few megabytes): read, staged and validated a bounded batch at a time (BATCH_RAW_CHARS), not
     `batch_rows` rows at once (600 MiB of raw text, as much again as messages, and copies of both)."""
     from flows.ingest import ingest_drop
 
