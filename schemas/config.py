@@ -362,6 +362,9 @@ class RunConfig(StrictModel):
     def _cross_checks(self) -> "RunConfig":
         if self.lora.use_dora and self.train.engine == "unsloth":
             raise ValueError("lora.use_dora is not supported by the unsloth engine; set train.engine=hf")
+        if self.lora.use_dora and self.export.lora_gguf:
+            raise ValueError("lora.use_dora: llama.cpp's LoRA GGUF cannot hold a DoRA adapter; set export.lora_gguf=false "
+                             "(the merged GGUF files carry it)")
         if self.model.load_in_4bit and self.model.dtype == "float32":
             raise ValueError("model.load_in_4bit computes in 16-bit; set model.dtype to bfloat16, float16 or auto")
         return self

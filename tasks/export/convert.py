@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import json
+import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from foundation.atomic import staged_dir
@@ -67,8 +70,20 @@ def convert_to_gguf(tools: Path, model_dir: Path, out_file: Path, log: Path, mod
 
 
 def convert_lora_to_gguf(tools: Path, base_dir: str, adapter_dir: str, out_file: Path, log: Path) -> Path:
-    run_tool(tools, "convert_lora_to_gguf.py",
-             ["--base", base_dir, "--outfile", str(out_file), "--outtype", "f16", adapter_dir], log)
+    """The adapter as a GGUF LoRA. llama.cpp scales a LoRA by alpha / r and its converter copies lora_alpha as
+    it is, so an rslora adapter (alpha / sqrt(r)) is converted from a copy of its config saying alpha * sqrt(r):
+    the same scale where llama.cpp applies it."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="sftflow-lora-") as view:
+        if config.get("use_rslora"):
+            for path in Path(adapter_dir).iterdir():
+                (Path(view) / path.name).symlink_to(path.resolve())
+            scaled = {**config, "use_rslora": False, "lora_alpha": config["lora_alpha"] * math.sqrt(config["r"])}
+            (Path(view) / "adapter_config.json").unlink()
+            (Path(view) / "adapter_config.json").write_text(json.dumps(scaled))
+            adapter_dir = view
+        run_tool(tools, "convert_lora_to_gguf.py",
+                 ["--base", base_dir, "--outfile", str(out_file), "--outtype", "f16", adapter_dir], log)
     return out_file
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,6 +294,22 @@ def test_bad_input_in_the_worker_fails_once_with_its_message(workspace, two_drop
         train_adapter(config=config, run_id="no-gpu")
     begins = [e for e in RunDir(workspace.runs_dir / "no-gpu").events() if e.event == "error"]
     assert len(begins) == 1  # not retried
+
+
+def test_an_rslora_adapter_exports_a_lora_gguf_that_llama_cpp_scales_as_peft_does(workspace, two_drop_dataset):
+    """rslora scales by alpha / sqrt(r), llama.cpp's LoRA by alpha / r: the LoRA GGUF says alpha * sqrt(r), and
+    applied to the base's GGUF at load time it matches the merged HF model (it parted at KL 3.2 before)."""
+    from flows.export import export_model
+
+    config = load_run_config(CONFIG, ["train.max_steps=8", "lora.use_rslora=true", "export.quants=[f16]",
+                                      "export.parity_prompts=2", "export.greedy_tokens=4"])
+    run = train_adapter(config=config)
+    adapter = json.loads((Path(run.adapter_dir) / "adapter_config.json").read_text())
+    assert adapter["use_rslora"] and adapter["lora_alpha"] == config.lora.alpha  # the adapter is left as trained
+    result = export_model(run_id=run.run_id)
+    assert result.passed and set(result.files) == {"f16", "lora"}
+    assert result.parity["lora"].passed and result.parity["lora"].kl < 1e-3
+    assert result.parity["control_base_f16"].kl > 100 * result.parity["lora"].kl
 
 
 def test_export_gguf_parity_control_and_publish_with_gguf(workspace, two_drop_dataset):

@@ -44,6 +44,9 @@ def test_every_error_is_reported_with_its_field(tmp_path):
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="use_dora is not supported by the unsloth engine"):
         load_run_config(SHIPPED[0], ["lora.use_dora=true", "train.engine=unsloth"])
+    with pytest.raises(ConfigError, match="LoRA GGUF cannot hold a DoRA adapter; set export.lora_gguf=false"):
+        load_run_config(SHIPPED[0], ["lora.use_dora=true", "train.engine=hf"])
+    assert load_run_config(SHIPPED[0], ["lora.use_dora=true", "train.engine=hf", "export.lora_gguf=false"]).lora.use_dora
     with pytest.raises(ConfigError, match="set train.epochs or train.max_steps"):
         load_run_config(SHIPPED[0], ["train.epochs=null"])
 
