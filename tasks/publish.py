@@ -221,16 +221,27 @@ def copy_run_manifest(source: Path, target: Path) -> None:
     target.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
+def link_or_copy(source: str, target: str) -> str:
+    """A hard link to a run's file (a GGUF takes no second copy of its gigabytes, and no time), or a copy when
+    the registry is on another file system. Nothing writes a run's files after its export, and a re-export
+    writes new ones (staged, then renamed), so the version keeps the bytes its manifest hashes."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return target
+
+
 def write_version(registry: RegistryStore, version: str, run: RunDir, promote: bool) -> VersionDir:
-    """The version directory, whole: adapter, GGUF files (when the export passed), evaluation, run manifest,
-    model card, and the manifest of every file's sha256 last."""
+    """The version directory, whole: adapter, GGUF files (when the export passed; linked, see link_or_copy),
+    evaluation, run manifest, model card, and the manifest of every file's sha256 last."""
     manifest, evaluation, exported = run.manifest(), run.eval_report(), run.export_report()
     exported = exported if exported and exported.passed else None
     drops = [d.drop_id for d in DatasetVersion(Path(manifest.dataset_dir)).manifest.drops]
     with registry.write_version(manifest.name, version) as tmp:
         shutil.copytree(manifest.adapter_dir, tmp.adapter)
         if exported:
-            shutil.copytree(run.gguf_dir, tmp.gguf_dir)
+            shutil.copytree(run.gguf_dir, tmp.gguf_dir, copy_function=link_or_copy)
             shutil.copyfile(run.modelfile, tmp.modelfile)
             shutil.copyfile(run.export_path, tmp.export_path)
         shutil.copyfile(run.eval_path, tmp.eval_path)

@@ -348,6 +348,9 @@ def test_export_gguf_parity_control_and_publish_with_gguf(workspace, two_drop_da
     version = workspace.registry_dir / config.name / published.version
     assert (version / "gguf" / "tiny-sft-q8_0.gguf").exists() and (version / "Modelfile").exists()
     assert verify_version(version) == []
+    # the version's GGUF files are the run's (hard links: one copy of their bytes on disk)
+    for gguf in Path(result.gguf_dir).iterdir():
+        assert (version / "gguf" / gguf.name).stat().st_ino == gguf.stat().st_ino, gguf.name
     assert "tiny-sft-q4_k_m.gguf" in (version / "README.md").read_text()
 
     # use the result: chat through the CLI, and the OpenAI-compatible server with the official client

@@ -65,3 +65,24 @@ def test_the_published_model_artifact_names_its_path_and_the_commands_not_a_file
     for command in ("sftflow models show tiny-sft@v0002", "sftflow chat --model tiny-sft@v0002",
                     "sftflow serve --model tiny-sft@v0002", "sftflow runs show run-1"):
         assert f"`{command}`" in markdown
+
+
+def test_a_run_file_is_linked_into_the_registry_or_copied_where_links_fail(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from tasks.publish import link_or_copy
+
+    run_file = tmp_path / "run" / "model-q8_0.gguf"
+    run_file.parent.mkdir()
+    run_file.write_bytes(b"GGUF" + bytes(range(256)))
+    linked = link_or_copy(str(run_file), str(tmp_path / "linked.gguf"))
+    assert os.stat(linked).st_ino == run_file.stat().st_ino
+
+    def cross_device(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)  # the registry on another file system
+    copied = link_or_copy(str(run_file), str(tmp_path / "copied.gguf"))
+    assert os.stat(copied).st_ino != run_file.stat().st_ino
+    assert open(copied, "rb").read() == run_file.read_bytes()
