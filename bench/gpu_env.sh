@@ -2,8 +2,8 @@
 #   source .gpu/on-device.sh && source bench/gpu_env.sh
 #
 # 1. llama.cpp's converter scripts and gguf-py in the model cache, as `make` extracts them from the pinned
-#    llama-cpp-python sdist (the export needs them; nothing can be downloaded there). Made here, once:
-#      tar czf .gpu/llama-tools.tgz -C .sftflow/cache llama.cpp-0.3.36
+#    llama-cpp-python sdist (the export needs them; nothing can be downloaded there). `bash bench/gpu_prepare.sh`
+#    makes .gpu/ here: the wheelhouse, the packages it cannot get right, these scripts (.gpu/llama-tools.tgz).
 # 2. Bytecode, as an installed environment has it. The machine's packages (torch, sympy, numpy, ...) were
 #    installed without .pyc files and PYTHONDONTWRITEBYTECODE=1 is set, so every Python process compiled
 #    them from source: `from transformers import AutoConfig; import torch, sympy, numpy` took 12.3 s and
