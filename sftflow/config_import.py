@@ -914,6 +914,9 @@ def import_config(tool: str, file: Path, out: Path | None = None, force: bool = 
     if "name" not in imp.config.get("model", {}):
         key = "base_model" if tool == "axolotl" else "model_name_or_path"
         raise ConfigError(f"{file}: {key}: missing; name the base model (a Hub id or a local directory)")
+    dora = next((m.source for m in imp.mapped if m.target == "lora.use_dora" and m.value), None)
+    if dora:  # neither tool writes a GGUF LoRA; llama.cpp's cannot hold DoRA (the merged GGUF files carry it)
+        imp.set(dora, "export.lora_gguf", False, "llama.cpp's LoRA GGUF cannot hold a DoRA adapter")
     _validated(imp, file)
     _in_source_order(imp, list(config))
 

@@ -199,6 +199,18 @@ def test_axolotl_qlora_becomes_a_run_config_that_loads(axolotl_yaml, tmp_path):
     assert any(line.startswith("#   warmup_ratio:") for line in lines)
 
 
+@pytest.mark.parametrize("tool, key", [("axolotl", "peft_use_dora"), ("llamafactory", "use_dora")])
+def test_a_dora_run_imports_without_the_lora_gguf_llama_cpp_cannot_hold(tool, key, axolotl_yaml, llamafactory_yaml,
+                                                                          tmp_path):
+    source = axolotl_yaml if tool == "axolotl" else llamafactory_yaml
+    source.write_text(source.read_text() + f"{key}: true\n")
+    result = import_config(tool, source, tmp_path / "out")
+    config = load_run_config(result.config_path)
+    assert config.lora.use_dora and config.export.lora_gguf is False
+    mapped = {(m.source, m.target): m for m in result.imported.mapped}
+    assert "DoRA" in mapped[(key, "export.lora_gguf")].note
+
+
 def test_axolotl_datasets_become_drop_descriptors(axolotl_yaml, tmp_path):
     result = import_config("axolotl", axolotl_yaml, tmp_path / "out")
     assert sorted(result.descriptor_paths) == ["alpaca", "chats", "qa"]
