@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 OVERRIDES = [
     "train.engine=unsloth",
     "eval.primary_metric=eval_loss",
-    "export.merge_dtype=float32",
     'export.thresholds={"f16": {"max_kl": 0.001}, "q8_0": {"max_kl": 0.01}, "q4_k_m": {"max_kl": 0.5}, '
     '"lora": {"max_kl": 0.001}}',
 ]
@@ -100,6 +99,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="Training steps (train.max_steps; default: one epoch).")
     parser.add_argument("--copies", type=int, default=10, help="Copies of the Alpaca demo in the drop.")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sftflow-pipeline-bench"))
+    parser.add_argument("--merge-dtype", choices=["bfloat16", "float16", "float32"],
+                        help="export.merge_dtype (default: the shipped config's, bfloat16; the bench merged in float32 "
+                             "until session 25).")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -124,7 +126,8 @@ def main() -> None:
 
     from flows.pipeline import sft_pipeline
 
-    overrides = [f"model.name={model_dir}", *([f"train.max_steps={args.steps}"] if args.steps else []), *OVERRIDES]
+    overrides = [f"model.name={model_dir}", *([f"train.max_steps={args.steps}"] if args.steps else []), *OVERRIDES,
+                 *([f"export.merge_dtype={args.merge_dtype}"] if args.merge_dtype else [])]
     state = sft_pipeline(drops=[str(drop)], config=str(ROOT / "flows/configs/llama3_2_1b_qlora.yaml"),
                          overrides=overrides, return_state=True)
     t_end = time.time()

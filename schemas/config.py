@@ -306,7 +306,9 @@ class ExportConfig(StrictModel):
 
     quants: list[QuantName] = Field(list(QUANT_NAMES), description="GGUF files to make (f16 is always made).")
     merge_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Dtype the base is reloaded in to merge the adapter (never the 4-bit base)."
+        "bfloat16", description="Dtype the base is reloaded in to merge the adapter (never the 4-bit base), and of the "
+        "merged HF model. float16 makes the f16 GGUF's conversion a copy (1B on an H200: 7.6 s against 14.8) and the "
+        "LoRA GGUF's parity tighter, but the merged model then computes in float16, where some families overflow."
     )
     lora_gguf: bool = Field(True, description="Also write the adapter as a GGUF LoRA (convert_lora_to_gguf.py).")
     parity_prompts: int = Field(8, gt=0, description="Eval prompts (fixed sample) the parity check runs on.")
