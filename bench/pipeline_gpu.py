@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import get_args
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -93,13 +94,15 @@ def stage_times(pipeline_run_id) -> list[dict]:
 
 
 def main() -> None:
+    from schemas.config import ExportConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="The Alpaca demo file (a JSON array).")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, help="Training steps (train.max_steps; default: one epoch).")
     parser.add_argument("--copies", type=int, default=10, help="Copies of the Alpaca demo in the drop.")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sftflow-pipeline-bench"))
-    parser.add_argument("--merge-dtype", choices=["bfloat16", "float16", "float32"],
+    parser.add_argument("--merge-dtype", choices=get_args(ExportConfig.model_fields["merge_dtype"].annotation),
                         help="export.merge_dtype (default: the shipped config's, bfloat16; the bench merged in float32 "
                              "until session 25).")
     args = parser.parse_args()

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from foundation.atomic import staged_dir
@@ -74,12 +75,13 @@ def convert_lora_to_gguf(tools: Path, base_dir: str, adapter_dir: str, out_file:
     it is, so an rslora adapter (alpha / sqrt(r)) is converted from a copy of its config saying alpha * sqrt(r):
     the same scale where llama.cpp applies it."""
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    with tempfile.TemporaryDirectory(prefix="sftflow-lora-") as view:
-        if config.get("use_rslora"):
+    rslora = config.get("use_rslora")
+    with tempfile.TemporaryDirectory(prefix="sftflow-lora-") if rslora else nullcontext() as view:
+        if rslora:
             for path in Path(adapter_dir).iterdir():
-                (Path(view) / path.name).symlink_to(path.resolve())
+                if path.name != "adapter_config.json":
+                    (Path(view) / path.name).symlink_to(path.resolve())
             scaled = {**config, "use_rslora": False, "lora_alpha": config["lora_alpha"] * math.sqrt(config["r"])}
-            (Path(view) / "adapter_config.json").unlink()
             (Path(view) / "adapter_config.json").write_text(json.dumps(scaled))
             adapter_dir = view
         run_tool(tools, "convert_lora_to_gguf.py",
